@@ -1,0 +1,369 @@
+"""Training throughput: the project's Estimator bridge vs the tutorial's model_fn vs Keras fit.
+
+For every network and batch size, three contenders train the same network from scratch for the
+same number of steps, in one process, in alternating rounds whose contender order rotates (so
+slow drift of the machine hits all of them alike):
+
+* ``bridge``: ``estimator_bridge.train`` with a fresh model_dir (the project's generic model_fn
+  over the project's tf.data pipeline); examples/s is the value ``train()`` returns, measured by
+  its ProgressHook over every step after the first;
+* ``tutorial``: the tutorial's model_fn on its float-list records (``tutorial_baseline``), timed
+  by a hook over every step after the first, always float32;
+* ``fit``: ``keras_models.build_model`` compiled with Adam 1e-3 and trained by ``model.fit`` on
+  ``data_pipeline.make_dataset`` (the bridge's pipeline), timed by a callback over every batch
+  after the first.
+
+Checkpoints are saved only at step 0 and at the end, both outside the timed window; summaries
+follow the Estimator default (every 100 steps) for both Estimator contenders. Prints one line
+per run, then per network and batch size the median examples/s over the rounds and the ratios
+bridge/tutorial and bridge/fit, the command that reproduces the run and the machine.
+
+Quick check::
+
+    .venv/bin/python bench/bench_throughput.py --models=cnn --batch_sizes=128 --steps=10 --rounds=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Dict, List
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tfenv  # noqa: E402 - must precede TensorFlow
+
+tfenv.silence_python_logging()
+
+import benchlib  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+import tutorial_baseline  # noqa: E402
+
+import data_pipeline  # noqa: E402
+import estimator_bridge  # noqa: E402
+import keras_models  # noqa: E402
+
+CONTENDERS = ("bridge", "tutorial", "fit")
+# Both Estimator contenders and fit exclude exactly the first step (graph/function warm-up and
+# the first input batch): the bridge's ProgressHook does so, the other two are set to match.
+WARMUP_STEPS = 1
+NO_CHECKPOINTS = 10**9  # save_checkpoints_steps: only the step-0 and final saves happen
+FLAG_ORDER = (
+    "models",
+    "batch_sizes",
+    "steps",
+    "rounds",
+    "precision",
+    "contenders",
+    "work_dir",
+    "source_dir",
+    "json_out",
+    "profile",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models",
+        type=benchlib.csv_list,
+        default=list(keras_models.MODEL_NAMES),
+        help="Comma-separated networks (default: all).",
+    )
+    parser.add_argument("--batch_sizes", type=benchlib.int_list, default=[128, 512])
+    parser.add_argument("--steps", type=int, default=100, help="Training steps per run.")
+    parser.add_argument("--rounds", type=int, default=3, help="Rounds; the median is reported.")
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=estimator_bridge.PRECISIONS,
+        help="For bridge and fit; the tutorial is float32 only.",
+    )
+    parser.add_argument(
+        "--contenders",
+        type=benchlib.csv_list,
+        default=list(CONTENDERS),
+        help="Comma-separated subset of bridge,tutorial,fit.",
+    )
+    parser.add_argument("--work_dir", default=benchlib.DEFAULT_WORK_DIR)
+    parser.add_argument(
+        "--source_dir", default=benchlib.default_source_dir(), help="MNIST (default $MNIST_DIR)."
+    )
+    parser.add_argument("--json_out", default=None, help="Write results as JSON here.")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="After the timed rounds, run each case once more under the TensorFlow profiler "
+        "and write traces to DIR/<model>-b<batch>-<contender> (view with TensorBoard).",
+    )
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.models) - set(keras_models.MODEL_NAMES))
+    if unknown:
+        parser.error(f"unknown --models {unknown}; choose from {list(keras_models.MODEL_NAMES)}")
+    unknown = sorted(set(args.contenders) - set(CONTENDERS))
+    if unknown or not args.contenders:
+        parser.error(f"bad --contenders {args.contenders}; choose from {list(CONTENDERS)}")
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up step(s)")
+    if args.rounds < 1 or any(b < 1 for b in args.batch_sizes):
+        parser.error("--rounds and --batch_sizes must be positive")
+    args.work_dir = os.path.abspath(args.work_dir)
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# One run of each contender
+# --------------------------------------------------------------------------------------------
+
+
+def run_bridge(args, data_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
+    config = estimator_bridge.Config(
+        model=model,
+        data_dir=data_dir,
+        model_dir=model_dir,
+        batch_size=batch,
+        train_steps=args.steps,
+        precision=args.precision,
+        progress=False,
+        save_checkpoints_steps=NO_CHECKPOINTS,
+        keep_checkpoint_max=1,
+        log_every_n_steps=NO_CHECKPOINTS,
+    )
+    result = estimator_bridge.train(config)
+    return {"examples_per_sec": float(result["examples_per_sec"]), "seconds": result["seconds"]}
+
+
+def run_tutorial(args, record_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
+    result = tutorial_baseline.train(
+        model,
+        record_dir,
+        model_dir,
+        batch_size=batch,
+        steps=args.steps,
+        warmup_steps=WARMUP_STEPS,
+        save_checkpoints_steps=NO_CHECKPOINTS,
+    )
+    return {"examples_per_sec": result["examples_per_sec"], "seconds": result["seconds"]}
+
+
+def run_fit(args, data_dir: str, model: str, batch: int) -> Dict[str, Any]:
+    keras.backend.clear_session()
+    with estimator_bridge.precision_policy(args.precision):
+        network = keras_models.build_model(model)
+    network.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    dataset = data_pipeline.make_dataset(data_dir, "train", batch, num_epochs=None, shuffle=True)
+    timer = benchlib.KerasStepTimer(batch, WARMUP_STEPS)
+    with data_pipeline.translate_errors():
+        network.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[timer])
+    return {"examples_per_sec": timer.examples_per_sec, "seconds": timer.seconds}
+
+
+def make_runner(args, data_dir: str, record_dir: str) -> Callable[[str, str, int], Dict]:
+    """Returns ``run(contender, model, batch)`` -> result dict (or ``{"error": ...}``)."""
+    scratch = os.path.join(args.work_dir, "throughput_runs")
+    os.makedirs(scratch, exist_ok=True)
+
+    def run(contender: str, model: str, batch: int) -> Dict[str, Any]:
+        model_dir = tempfile.mkdtemp(prefix=f"{contender}-{model}-b{batch}-", dir=scratch)
+        try:
+            if contender == "bridge":
+                return run_bridge(args, data_dir, model, batch, model_dir)
+            if contender == "tutorial":
+                return run_tutorial(args, record_dir, model, batch, model_dir)
+            return run_fit(args, data_dir, model, batch)
+        except Exception as error:  # noqa: BLE001 - report, keep the other runs going
+            traceback.print_exc()
+            return {"examples_per_sec": None, "error": f"{type(error).__name__}: {error}"}
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+
+    return run
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_rate(value) -> str:
+    return "-" if value is None or value != value else f"{value:,.0f}"
+
+
+def _fmt_ratio(a, b) -> str:
+    if a is None or b is None or a != a or b != b or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    rows = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            row: Dict[str, Any] = {"model": model, "batch_size": batch}
+            spreads = []
+            for contender in args.contenders:
+                rates = [
+                    r["examples_per_sec"]
+                    for r in runs
+                    if (r["model"], r["batch_size"], r["contender"]) == (model, batch, contender)
+                    and r.get("examples_per_sec")
+                ]
+                value = benchlib.median(rates) if rates else None
+                row[contender] = value
+                row[f"{contender}_rounds"] = rates
+                if len(rates) > 1 and value:
+                    spreads.append((max(rates) - min(rates)) / value)
+            row["max_spread"] = max(spreads) if spreads else None
+            bridge = row.get("bridge")
+            for other in ("tutorial", "fit"):
+                theirs = row.get(other)
+                row[f"bridge_over_{other}"] = bridge / theirs if bridge and theirs else None
+            rows.append(row)
+    return rows
+
+
+def print_summary(args, rows: List[Dict[str, Any]]) -> None:
+    headers = ["model", "batch"]
+    headers += [f"{c} ex/s" for c in args.contenders]
+    if "bridge" in args.contenders:
+        headers += [f"bridge/{c}" for c in ("tutorial", "fit") if c in args.contenders]
+    headers.append("spread")
+    table = []
+    for row in rows:
+        cells = [row["model"], row["batch_size"]]
+        cells += [_fmt_rate(row[c]) for c in args.contenders]
+        if "bridge" in args.contenders:
+            cells += [
+                _fmt_ratio(row["bridge"], row[c])
+                for c in ("tutorial", "fit")
+                if c in args.contenders
+            ]
+        spread = row["max_spread"]
+        cells.append("-" if spread is None else f"{100 * spread:.0f}%")
+        table.append(cells)
+    print()
+    print(
+        f"median training examples/s over {args.rounds} round(s) of {args.steps} steps "
+        f"(first step excluded); bridge and fit in {args.precision}, tutorial in float32; "
+        "spread = largest (max-min)/median among the contenders"
+    )
+    benchlib.print_table(headers, table)
+
+
+def run_profile(args, run: Callable) -> List[str]:
+    traces = []
+    for model in args.models:
+        for batch in args.batch_sizes:
+            for contender in args.contenders:
+                logdir = os.path.join(args.profile, f"{model}-b{batch}-{contender}")
+                try:
+                    tf.profiler.experimental.start(logdir)
+                except Exception as error:  # noqa: BLE001 - profiling is optional
+                    benchlib.log(f"profiler unavailable: {error}")
+                    return traces
+                try:
+                    run(contender, model, batch)
+                finally:
+                    tf.profiler.experimental.stop()
+                traces.append(logdir)
+                benchlib.log(f"profile: {logdir}")
+    return traces
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = benchlib.command_line(__file__, args, FLAG_ORDER)
+    info = benchlib.machine_info()
+    benchlib.print_header(
+        "training throughput: estimator_bridge vs tutorial model_fn vs Keras fit", command, info
+    )
+    os.makedirs(args.work_dir, exist_ok=True)
+    data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)
+    record_dir = os.path.join(args.work_dir, "tutorial_records")
+    if "tutorial" in args.contenders:
+        tutorial_baseline.write_records(record_dir, args.source_dir)
+        print(
+            f"tutorial records: {tutorial_baseline.record_bytes(record_dir):,.0f} bytes/record "
+            f"(float list); project records: "
+            f"{_project_record_bytes(data_dir):,.0f} bytes/record"
+        )
+    run = make_runner(args, data_dir, record_dir)
+
+    runs: List[Dict[str, Any]] = []
+    started = time.perf_counter()
+    for round_index in range(args.rounds):
+        shift = round_index % len(args.contenders)
+        order = args.contenders[shift:] + args.contenders[:shift]
+        for model in args.models:
+            for batch in args.batch_sizes:
+                for contender in order:
+                    result = run(contender, model, batch)
+                    record = {
+                        "round": round_index + 1,
+                        "model": model,
+                        "batch_size": batch,
+                        "contender": contender,
+                        "precision": "float32" if contender == "tutorial" else args.precision,
+                        **result,
+                    }
+                    runs.append(record)
+                    status = result.get("error") or (
+                        f"{_fmt_rate(result['examples_per_sec'])} examples/s "
+                        f"({result['seconds']:.1f}s timed)"
+                    )
+                    print(
+                        f"round {round_index + 1}/{args.rounds}  {model:<8} batch {batch:<4} "
+                        f"{contender:<8} {status}",
+                        flush=True,
+                    )
+    elapsed = time.perf_counter() - started
+
+    rows = summarise(args, runs)
+    print_summary(args, rows)
+    traces = run_profile(args, run) if args.profile else []
+    if traces:
+        print(f"profiles: {len(traces)} traces; view with: tensorboard --logdir={args.profile}")
+    end_info = benchlib.machine_info()
+    print(f"total {elapsed:.0f}s; load average at the end {end_info['load_average_1_5_15']}")
+    print(f"command: {command}")
+    errors = [r for r in runs if r.get("error")]
+    if errors:
+        print(f"{len(errors)} run(s) failed; see the lines above")
+    benchlib.write_json(
+        args.json_out,
+        {
+            "benchmark": "throughput",
+            "command": command,
+            "machine": info,
+            "load_average_at_end": end_info["load_average_1_5_15"],
+            "settings": {
+                **{k: getattr(args, k) for k in FLAG_ORDER},
+                "warmup_steps_excluded": WARMUP_STEPS,
+                "tutorial_precision": "float32",
+            },
+            "seconds": round(elapsed, 1),
+            "summary": rows,
+            "runs": runs,
+            "profiles": traces,
+        },
+    )
+    return 1 if errors else 0
+
+
+def _project_record_bytes(data_dir: str) -> float:
+    spec = data_pipeline.load_spec(data_dir)
+    size = sum(os.path.getsize(path) for path in spec.files("train"))
+    return size / max(spec.num_records("train"), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

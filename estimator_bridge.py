@@ -1,0 +1,985 @@
+"""One generic Estimator ``model_fn`` for any functional Keras model, plus train/eval/export jobs.
+
+The Keras networks in :mod:`keras_models` know nothing of the Estimator. This module builds the
+network named in ``params`` inside :func:`model_fn`, calls it under the mode flag and returns
+``EstimatorSpec`` objects. Around it sit the jobs that ``main.py`` runs, each taking one
+:class:`Config`: :func:`train`, :func:`evaluate`, :func:`train_and_evaluate`, :func:`predict` and
+:func:`export`, and the bridges back to plain Keras (:func:`keras_model_from_checkpoint`,
+:func:`keras_weights_to_checkpoint`).
+
+Pitfalls of Keras inside ``model_fn`` on TF 2.15 that shape the code below:
+
+* the model is built inside ``model_fn`` (each mode gets a fresh graph) and called with an
+  explicit ``training=`` flag (the Estimator never sets Keras' learning phase);
+* BatchNorm moving-average updates are not in ``UPDATE_OPS``: they are taken from the model
+  (``get_updates_for``) and grouped with the train op;
+* regularisation losses live in ``model.losses`` and are added to the loss by hand;
+* a ``tf.compat.v1.train`` optimizer drives the global step;
+* every layer has an explicit name, so checkpoint keys are ``<layer>/<weight>`` and stay stable
+  between the Estimator graph and an eager Keras model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+import data_pipeline
+import distribution
+import keras_models
+
+TRAIN = tf.estimator.ModeKeys.TRAIN
+EVAL = tf.estimator.ModeKeys.EVAL
+PREDICT = tf.estimator.ModeKeys.PREDICT
+
+PRECISIONS = ("float32", "mixed_bfloat16")
+LR_SCHEDULES = ("constant", "cosine", "exponential")
+EVAL_SPLITS = ("train", "test", "both")
+# Graph collection holding the total training loss (cross-entropy plus regularisers).
+LOSS_COLLECTION = "estimator_bridge_total_loss"
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; the CLI prints it on one line and exits with 2."""
+
+    exit_code = 2
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss); the last good checkpoint is kept. Exit code 1."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything one run needs; ``main.py`` fills it from flags, tests build it directly.
+
+    Attributes:
+        model: Registry name of the network (see ``keras_models.MODEL_NAMES``).
+        data_dir: Folder holding the TFRecord shards and ``dataset_spec.json``.
+        model_dir: Checkpoints and TensorBoard summaries.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for evaluation and prediction.
+        epochs: Training length in passes over the train split, counted from step 0.
+        train_steps: Training length as a global step; overrides ``epochs`` when set.
+        learning_rate: Peak learning rate for Adam.
+        lr_schedule: ``constant``, ``cosine`` (to 0 at the last step) or ``exponential``.
+        dropout_rate: Dropout before the logits layer.
+        model_params: Extra keyword arguments for the network builder.
+        precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss).
+        augment: Random shifts of up to ``augment_shift`` pixels on training images.
+        augment_shift: Largest shift, in pixels.
+        seed: Graph-level and shuffle seed; ``None`` for non-deterministic runs.
+        checkpoint_path: Checkpoint (prefix or folder) for evaluate/predict/export.
+        eval_split: ``train``, ``test`` or ``both``.
+        eval_limit: Evaluate/predict only the first N examples of the split.
+        train_limit: Train only on the first N examples of the train split.
+        export_dir: Parent folder of SavedModel versions.
+        predict_split: Split that ``predict`` reads.
+        output_dir: Where ``predict`` writes its CSV and plots.
+        plot: Write PNG plots of predictions and feature maps.
+        warm_start_from: Keras weights file (``.keras``/``.h5``) to initialise training from.
+        keras_output: Path of the ``.keras`` file that ``export`` also writes (``None``: skip).
+        save_checkpoints_steps: Checkpoint interval in steps.
+        keep_checkpoint_max: Checkpoints kept on disk.
+        log_every_n_steps: Progress line interval.
+        progress: Show a progress bar (only when stderr is a terminal).
+        intra_op_threads: TensorFlow intra-op threads (0: TensorFlow decides).
+        inter_op_threads: TensorFlow inter-op threads (0: TensorFlow decides).
+        eval_throttle_secs: Least seconds between evaluations in train_and_evaluate.
+        distribution: ``none``, ``mirrored``, ``multi_worker_mirrored`` or
+            ``parameter_server`` (see :mod:`distribution`); the cluster comes from ``TF_CONFIG``.
+    """
+
+    model: str = "cnn"
+    data_dir: str = "data/mnist"
+    model_dir: str = "models/cnn"
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    epochs: float = 1.0
+    train_steps: Optional[int] = None
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    dropout_rate: float = 0.4
+    model_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    precision: str = "float32"
+    augment: bool = False
+    augment_shift: int = 2
+    seed: Optional[int] = None
+    checkpoint_path: Optional[str] = None
+    eval_split: str = "test"
+    eval_limit: Optional[int] = None
+    train_limit: Optional[int] = None
+    export_dir: str = "exports"
+    predict_split: str = "test"
+    output_dir: str = "predictions"
+    plot: bool = False
+    warm_start_from: Optional[str] = None
+    keras_output: Optional[str] = None
+    save_checkpoints_steps: int = 500
+    keep_checkpoint_max: int = 5
+    log_every_n_steps: int = 100
+    progress: bool = True
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    eval_throttle_secs: int = 60
+    distribution: str = "none"
+
+    def validate(self) -> None:
+        """Raises UsageError for values no run can use."""
+        if self.model not in keras_models.MODEL_NAMES:
+            choices = ", ".join(keras_models.MODEL_NAMES)
+            raise UsageError(f"unknown model {self.model!r}; choose one of: {choices}")
+        for name in (
+            "batch_size",
+            "eval_batch_size",
+            "save_checkpoints_steps",
+            "log_every_n_steps",
+        ):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if self.train_steps is not None and self.train_steps <= 0:
+            raise UsageError(f"--train_steps must be a positive integer, got {self.train_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise UsageError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.dropout_rate < 1:
+            raise UsageError(f"--dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        choices = {
+            "precision": PRECISIONS,
+            "lr_schedule": LR_SCHEDULES,
+            "eval_split": EVAL_SPLITS,
+            "predict_split": ("train", "test"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UsageError(
+                    f"--{name}={getattr(self, name)} is not valid; choose one of: "
+                    + ", ".join(allowed)
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# The model_fn
+# --------------------------------------------------------------------------------------------
+
+
+def model_fn(features, labels, mode, params):
+    """Generic Estimator model_fn for any functional Keras classifier.
+
+    Args:
+        features: ``{"image": float32 [batch, 28, 28, 1]}``.
+        labels: int64 ``[batch]`` class ids (``None`` in PREDICT).
+        mode: A ``tf.estimator.ModeKeys`` value.
+        params: Dict with ``model`` (a registry name or a builder returning a ``keras.Model``),
+            ``model_params`` (builder kwargs), ``learning_rate``, and optionally
+            ``lr_schedule`` + ``decay_steps``, ``precision``, ``intermediates`` (add every named
+            layer's output to the predictions) and ``num_classes``.
+
+    Returns:
+        A ``tf.estimator.EstimatorSpec`` for ``mode``.
+    """
+    images = features["image"]
+    training = mode == TRAIN
+    model = _build_model(params)
+    # One call of a multi-output view of the same layers gives the logits and, for free, every
+    # named intermediate tensor (the tutorial listed conv1, pool1, ... by hand).
+    layer_outputs = _layer_outputs_model(model)(images, training=training)
+    logits = tf.cast(layer_outputs[model.output_names[0]], tf.float32)
+    probabilities = tf.nn.softmax(logits)
+    classes = tf.argmax(logits, axis=-1)
+
+    if mode == PREDICT:
+        predictions = {"classes": classes, "probabilities": probabilities, "logits": logits}
+        if params.get("intermediates"):
+            for name, tensor in layer_outputs.items():
+                predictions.setdefault(name, tf.cast(tensor, tf.float32))
+        return tf.estimator.EstimatorSpec(
+            mode, predictions=predictions, export_outputs=_export_outputs(predictions)
+        )
+
+    labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+    cross_entropy = tf.compat.v1.losses.sparse_softmax_cross_entropy(labels, logits)
+    regularization = [tf.cast(loss, tf.float32) for loss in model.losses]
+    loss = tf.add_n([cross_entropy, *regularization]) if regularization else cross_entropy
+    num_classes = int(logits.shape[-1])
+
+    if mode == EVAL:
+        metrics = {
+            "accuracy": tf.compat.v1.metrics.accuracy(labels, classes),
+            "mean_per_class_accuracy": tf.compat.v1.metrics.mean_per_class_accuracy(
+                labels, classes, num_classes
+            ),
+            "confusion_matrix": _confusion_matrix_metric(labels, classes, num_classes),
+        }
+        return tf.estimator.EstimatorSpec(mode, loss=loss, eval_metric_ops=metrics)
+
+    global_step = tf.compat.v1.train.get_or_create_global_step()
+    learning_rate = _learning_rate(params, global_step)
+    optimizer = tf.compat.v1.train.AdamOptimizer(learning_rate)
+    minimize = optimizer.minimize(loss, global_step, var_list=model.trainable_variables)
+    # BatchNorm moving averages: Keras keeps them on the model, not in UPDATE_OPS.
+    updates = model.get_updates_for(None) + model.get_updates_for(images)
+    train_op = tf.group(minimize, *updates)
+    tf.compat.v1.add_to_collection(LOSS_COLLECTION, loss)  # for ProgressHook
+    _train_summaries(images, labels, classes, learning_rate, layer_outputs)
+    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
+
+
+def _build_model(params: Mapping[str, Any]) -> keras.Model:
+    """Builds the network from ``params`` under the requested dtype policy."""
+    builder = params["model"]
+    if isinstance(builder, str):
+        builder = keras_models.get_builder(builder)
+    with precision_policy(params.get("precision", "float32")):
+        return builder(**params.get("model_params", {}))
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Sets the Keras global dtype policy while layers are built, then restores it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _layer_outputs_model(model: keras.Model) -> keras.Model:
+    """A model sharing ``model``'s layers whose outputs are ``{layer name: output}``."""
+    outputs = {
+        layer.name: layer.output
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    }
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_layer_outputs")
+
+
+def _export_outputs(predictions: Mapping[str, tf.Tensor]) -> Dict[str, Any]:
+    """Serving signatures: a small predict signature, a classification one, and everything."""
+    probabilities = predictions["probabilities"]
+    num_classes = int(probabilities.shape[-1])
+    class_names = tf.tile(
+        tf.expand_dims(tf.strings.as_string(tf.range(num_classes)), 0),
+        [tf.shape(probabilities)[0], 1],
+    )
+    export = tf.estimator.export
+    return {
+        "serving_default": export.PredictOutput(
+            {"classes": predictions["classes"], "probabilities": probabilities}
+        ),
+        "classification": export.ClassificationOutput(scores=probabilities, classes=class_names),
+        "predict": export.PredictOutput(dict(predictions)),
+    }
+
+
+def _confusion_matrix_metric(labels, predictions, num_classes: int):
+    """A streaming confusion matrix (rows: true class, columns: predicted) for eval_metric_ops."""
+    total = tf.compat.v1.Variable(
+        tf.zeros([num_classes, num_classes], tf.int64),
+        trainable=False,
+        collections=[
+            tf.compat.v1.GraphKeys.LOCAL_VARIABLES,
+            tf.compat.v1.GraphKeys.METRIC_VARIABLES,
+        ],
+        name="confusion_matrix",
+    )
+    batch = tf.math.confusion_matrix(labels, predictions, num_classes, dtype=tf.int64)
+    return tf.identity(total), total.assign_add(batch)
+
+
+def _learning_rate(params: Mapping[str, Any], global_step) -> tf.Tensor:
+    """The peak rate, held constant or decayed over ``decay_steps``."""
+    base = float(params["learning_rate"])
+    schedule = params.get("lr_schedule", "constant")
+    decay_steps = max(int(params.get("decay_steps") or 1), 1)
+    step = tf.cast(global_step, tf.float32)
+    if schedule == "cosine":
+        progress = tf.minimum(step / decay_steps, 1.0)
+        return base * 0.5 * (1.0 + tf.cos(math.pi * progress))
+    if schedule == "exponential":
+        # Ends at 1% of the peak rate after decay_steps.
+        return base * tf.pow(0.01, step / decay_steps)
+    return tf.constant(base, tf.float32)
+
+
+def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> None:
+    """TensorBoard summaries written every ``save_summary_steps`` by the Estimator."""
+    tf.compat.v1.summary.scalar(
+        "train_accuracy", tf.reduce_mean(tf.cast(tf.equal(labels, classes), tf.float32))
+    )
+    tf.compat.v1.summary.scalar("learning_rate", learning_rate)
+    tf.compat.v1.summary.image("input_images", images, max_outputs=4)
+    conv1 = layer_outputs.get("conv1")
+    if conv1 is not None:
+        tf.compat.v1.summary.image("conv1_feature_maps", feature_map_grid(conv1), max_outputs=1)
+
+
+def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
+    """The first example's feature maps as one image ``[1, H, W, 1]``, min-max scaled.
+
+    Conv2D maps ``[batch, h, w, c]`` are tiled side by side; Conv1D maps ``[batch, t, c]`` are
+    shown as a ``t x c`` image.
+    """
+    maps = tf.cast(feature_maps[0], tf.float32)
+    if maps.shape.rank == 3:  # [h, w, c] -> [h, w * c]
+        maps = tf.reshape(tf.transpose(maps, [0, 2, 1]), [tf.shape(maps)[0], -1])
+    maps = maps - tf.reduce_min(maps)
+    maps = maps / (tf.reduce_max(maps) + 1e-6)
+    return maps[tf.newaxis, :, :, tf.newaxis]
+
+
+# --------------------------------------------------------------------------------------------
+# Estimator construction
+# --------------------------------------------------------------------------------------------
+
+
+def model_params(config: Config) -> Dict[str, Any]:
+    """Builder keyword arguments: the config's dropout rate plus any extras."""
+    return {"dropout_rate": config.dropout_rate, **config.model_params}
+
+
+def make_estimator(
+    config: Config,
+    spec=None,
+    warm_start: Optional[tf.estimator.WarmStartSettings] = None,
+    intermediates: bool = False,
+) -> tf.estimator.Estimator:
+    """Builds the Estimator for ``config``.
+
+    Args:
+        config: The run's settings.
+        spec: The dataset spec (loaded from ``config.data_dir`` if omitted).
+        warm_start: Initial values for a model dir without checkpoints.
+        intermediates: Add every named layer's output to PREDICT's predictions.
+    """
+    spec = spec or data_pipeline.load_spec(config.data_dir)
+    params = {
+        "model": config.model,
+        "model_params": model_params(config),
+        "learning_rate": config.learning_rate,
+        "lr_schedule": config.lr_schedule,
+        "decay_steps": target_step(config, spec),
+        "precision": config.precision,
+        "intermediates": intermediates,
+    }
+    session_config = tf.compat.v1.ConfigProto(
+        intra_op_parallelism_threads=config.intra_op_threads,
+        inter_op_parallelism_threads=config.inter_op_threads,
+    )
+    run_config = tf.estimator.RunConfig(
+        **distribution.run_config_kwargs(config.distribution),
+        model_dir=config.model_dir,
+        tf_random_seed=config.seed,
+        save_checkpoints_steps=config.save_checkpoints_steps,
+        save_checkpoints_secs=None,
+        keep_checkpoint_max=config.keep_checkpoint_max,
+        session_config=session_config,
+        log_step_count_steps=None,
+    )
+    return tf.estimator.Estimator(
+        model_fn, config=run_config, params=params, warm_start_from=warm_start
+    )
+
+
+def target_step(config: Config, spec=None) -> int:
+    """The global step training stops at: ``train_steps``, else ``epochs`` over the train split.
+
+    Both count from step 0, so rerunning the same command resumes from the last checkpoint and
+    stops at the same step; a finished run is not trained further unless the target is raised.
+    """
+    if config.train_steps is not None:
+        return int(config.train_steps)
+    spec = spec or data_pipeline.load_spec(config.data_dir)
+    examples = spec.num_records("train")
+    if config.train_limit is not None:
+        examples = min(examples, config.train_limit)
+    return max(1, math.ceil(config.epochs * examples / config.batch_size))
+
+
+def _input_fn(config: Config, split: str, training: bool):
+    if training:
+        return data_pipeline.make_input_fn(
+            config.data_dir,
+            "train",
+            config.batch_size,
+            num_epochs=None,
+            shuffle=True,
+            seed=config.seed,
+            deterministic=config.seed is not None,
+            limit=config.train_limit,
+            augment_shift=config.augment_shift if config.augment else 0,
+        )
+    return data_pipeline.make_input_fn(
+        config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
+    )
+
+
+def _global_step(model_dir: str) -> int:
+    latest = tf.train.latest_checkpoint(model_dir)
+    if latest is None:
+        return 0
+    return int(tf.train.load_checkpoint(latest).get_tensor("global_step"))
+
+
+def resolve_checkpoint(config: Config) -> str:
+    """The checkpoint to read: ``checkpoint_path`` (a prefix or a folder) or the latest one."""
+    path = config.checkpoint_path or config.model_dir
+    if os.path.isdir(path):
+        latest = tf.train.latest_checkpoint(path)
+        if latest is None:
+            raise UsageError(
+                f"no checkpoint in {path}; train first (--mode=train) or pass --checkpoint_path"
+            )
+        return latest
+    if not os.path.exists(path + ".index"):
+        raise UsageError(
+            f"checkpoint {path} does not exist (no {path}.index); pass a checkpoint prefix such as "
+            f"{os.path.join(config.model_dir, 'model.ckpt-1000')} or a model dir"
+        )
+    try:
+        tf.train.load_checkpoint(path)
+    except (tf.errors.OpError, ValueError) as error:
+        raise UsageError(f"checkpoint {path} is unreadable ({_first_line(error)})") from None
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(getattr(error, "message", "") or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+# --------------------------------------------------------------------------------------------
+
+
+def train(config: Config) -> Dict[str, Any]:
+    """Trains to :func:`target_step`, resuming from the last checkpoint in ``model_dir``.
+
+    Returns:
+        ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
+    """
+    config.validate()
+    spec = data_pipeline.load_spec(config.data_dir)
+    warm_start = _warm_start_settings(config) if config.warm_start_from else None
+    estimator = make_estimator(config, spec, warm_start)
+    target = target_step(config, spec)
+    start = _global_step(config.model_dir)
+    if start >= target:
+        _info(f"{config.model_dir} is already at step {start} (target {target}); nothing to train")
+        return {"global_step": start, "examples_per_sec": 0.0, "seconds": 0.0, "interrupted": False}
+    if start:
+        _info(f"resuming {config.model} from step {start} to {target}")
+    hook = ProgressHook(
+        batch_size=config.batch_size,
+        start_step=start,
+        target_step=target,
+        every_n_steps=config.log_every_n_steps,
+        progress_bar=config.progress,
+    )
+    stopper = StopOnSignalHook()
+    try:
+        with data_pipeline.translate_errors(config.data_dir):
+            estimator.train(
+                _input_fn(config, "train", True), max_steps=target, hooks=[hook, stopper]
+            )
+    except tf.compat.v1.train.NanLossDuringTrainingError:
+        raise TrainingError(
+            f"the loss became NaN near step {hook.step}; the last good checkpoint "
+            f"({tf.train.latest_checkpoint(config.model_dir) or 'none'}) is kept: "
+            "lower --learning_rate or check the data"
+        ) from None
+    step = _global_step(config.model_dir)
+    if stopper.interrupted:
+        _info(
+            f"interrupted: checkpoint saved at step {step} in {config.model_dir}; rerun to resume"
+        )
+    else:
+        _info(
+            f"trained {config.model} to step {step} in {hook.seconds:.1f}s "
+            f"({hook.examples_per_sec:,.0f} examples/s)"
+        )
+    return {
+        "global_step": step,
+        "examples_per_sec": hook.examples_per_sec,
+        "seconds": hook.seconds,
+        "interrupted": stopper.interrupted,
+    }
+
+
+def evaluate(config: Config) -> Dict[str, Any]:
+    """Evaluates a checkpoint on ``eval_split`` and writes its confusion matrices as CSV.
+
+    Returns:
+        For one split ``{"split", "accuracy", "loss", "mean_per_class_accuracy", "global_step",
+        "checkpoint", "confusion_matrix"}``; for ``both``, ``{"split": "both", "global_step",
+        "checkpoint", "train": {...}, "test": {...}}``.
+    """
+    config.validate()
+    spec = data_pipeline.load_spec(config.data_dir)
+    checkpoint = resolve_checkpoint(config)
+    estimator = make_estimator(config, spec)
+    splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
+    results = {}
+    for split in splits:
+        with data_pipeline.translate_errors(config.data_dir):
+            metrics = estimator.evaluate(
+                _input_fn(config, split, False), checkpoint_path=checkpoint, name=split
+            )
+        results[split] = _summarise_eval(config, split, checkpoint, metrics)
+    if len(splits) == 1:
+        return results[splits[0]]
+    step = results["test"]["global_step"]
+    return {"split": "both", "global_step": step, "checkpoint": checkpoint, **results}
+
+
+def _summarise_eval(config: Config, split: str, checkpoint: str, metrics) -> Dict[str, Any]:
+    step = int(metrics["global_step"])
+    matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    path = os.path.join(config.model_dir, f"eval_{split}", f"confusion_matrix-{step}.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savetxt(path, matrix, fmt="%d", delimiter=",")
+    return {
+        "split": split,
+        "accuracy": round(float(metrics["accuracy"]), 6),
+        "loss": round(float(metrics["loss"]), 6),
+        "mean_per_class_accuracy": round(float(metrics["mean_per_class_accuracy"]), 6),
+        "examples": int(matrix.sum()),
+        "global_step": step,
+        "checkpoint": checkpoint,
+        "confusion_matrix": path,
+    }
+
+
+def train_and_evaluate(config: Config) -> Dict[str, Any]:
+    """``tf.estimator.train_and_evaluate`` with a best-checkpoint (highest accuracy) exporter.
+
+    Returns:
+        The final evaluation metrics (scalars only) and where the best export went.
+    """
+    config.validate()
+    spec = data_pipeline.load_spec(config.data_dir)
+    warm_start = _warm_start_settings(config) if config.warm_start_from else None
+    estimator = make_estimator(config, spec, warm_start)
+    target = target_step(config, spec)
+    split = "train" if config.eval_split == "train" else "test"
+    exporter = tf.estimator.BestExporter(
+        name="best",
+        serving_input_receiver_fn=serving_input_receiver_fn(spec),
+        compare_fn=_higher_accuracy,
+        exports_to_keep=3,
+    )
+    hook = ProgressHook(
+        batch_size=config.batch_size,
+        start_step=_global_step(config.model_dir),
+        target_step=target,
+        every_n_steps=config.log_every_n_steps,
+        progress_bar=config.progress,
+    )
+    train_spec = tf.estimator.TrainSpec(
+        _input_fn(config, "train", True), max_steps=target, hooks=[hook]
+    )
+    eval_spec = tf.estimator.EvalSpec(
+        _input_fn(config, split, False),
+        steps=None,
+        name=split,
+        exporters=[exporter],
+        start_delay_secs=0,
+        throttle_secs=config.eval_throttle_secs,
+    )
+    with data_pipeline.translate_errors(config.data_dir):
+        metrics, _ = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+    result = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
+    result["global_step"] = int(result.get("global_step", _global_step(config.model_dir)))
+    result["split"] = split
+    result["best_export_dir"] = os.path.join(config.model_dir, "export", "best")
+    return result
+
+
+def _higher_accuracy(best_eval_result, current_eval_result) -> bool:
+    return current_eval_result["accuracy"] > best_eval_result["accuracy"]
+
+
+def predict(config: Config) -> Dict[str, Any]:
+    """Writes ``predictions-<split>.csv`` (index, label, class, probability) and optional plots.
+
+    Returns:
+        ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
+    """
+    config.validate()
+    spec = data_pipeline.load_spec(config.data_dir)
+    checkpoint = resolve_checkpoint(config)
+    keys = ["classes", "probabilities"]
+    if config.plot and "conv1" in _layer_names(config):
+        keys.append("conv1")
+    estimator = make_estimator(config, spec, intermediates="conv1" in keys)
+    split = config.predict_split
+    input_fn = data_pipeline.make_input_fn(
+        config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
+    )
+    labels = _labels(config, split)
+    os.makedirs(config.output_dir, exist_ok=True)
+    csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
+    samples: List[Dict[str, np.ndarray]] = []
+    correct = count = 0
+    # Written under a temporary name: an interrupted run leaves no complete-looking CSV.
+    errors = data_pipeline.translate_errors(config.data_dir)
+    with errors, open(csv_path + ".tmp", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "label", "class", "probability"])
+        rows = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
+        for index, row in enumerate(rows):
+            label, cls = int(labels[index]), int(row["classes"])
+            writer.writerow([index, label, cls, f"{row['probabilities'][cls]:.6f}"])
+            correct += cls == label
+            count += 1
+            if len(samples) < _PLOTTED_DIGITS:
+                samples.append(row)
+    os.replace(csv_path + ".tmp", csv_path)
+    plots = _plot_predictions(config, samples, labels) if config.plot else []
+    return {
+        "csv": csv_path,
+        "examples": count,
+        "accuracy": round(correct / max(count, 1), 6),
+        "checkpoint": checkpoint,
+        "plots": plots,
+    }
+
+
+_PLOTTED_DIGITS = 16
+
+
+def _layer_names(config: Config) -> List[str]:
+    """The network's layer names, from a throwaway graph (no eager variables left behind)."""
+    with tf.Graph().as_default():
+        return [layer.name for layer in _eager_model(config).layers]
+
+
+def _labels(config: Config, split: str) -> np.ndarray:
+    """The split's labels in record order, read through the same pipeline."""
+    dataset = data_pipeline.make_dataset(
+        config.data_dir, split, 4096, num_epochs=1, limit=config.eval_limit
+    )
+    return np.concatenate([labels.numpy() for _, labels in dataset])
+
+
+def _plot_predictions(config: Config, samples, labels) -> List[str]:
+    """Writes a grid of the first digits with their predictions and the conv1 feature maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = config.predict_split
+    features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
+    images = features["image"].numpy()[..., 0]
+    fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
+    for ax, image, row, label in zip(axes.flat, images, samples, labels):
+        cls = int(row["classes"])
+        ax.imshow(image, cmap="gray")
+        title = f"{cls} ({row['probabilities'][cls]:.2f})" + ("" if cls == label else f" ≠ {label}")
+        ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"{config.model}: predicted class (probability); red: wrong, ≠ true label")
+    paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    if samples and "conv1" in samples[0]:
+        maps = np.asarray(samples[0]["conv1"])
+        if maps.ndim == 2:  # Conv1D: [rows, channels], one image
+            fig, ax = plt.subplots(figsize=(6, 3))
+            ax.imshow(maps.T, cmap="viridis", aspect="auto")
+            ax.set_xlabel("row position")
+            ax.set_ylabel("channel")
+        else:  # Conv2D: [height, width, channels], one panel per channel
+            cols = 8
+            rows = math.ceil(maps.shape[-1] / cols)
+            fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.3))
+            for channel, ax in enumerate(axes.flat):
+                ax.axis("off")
+                if channel < maps.shape[-1]:
+                    ax.imshow(maps[..., channel], cmap="viridis")
+                    ax.set_title(str(channel), fontsize=7)
+        fig.suptitle(f"{config.model}: conv1 feature maps of the first {split} digit")
+        paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# Export and the Keras round trip
+# --------------------------------------------------------------------------------------------
+
+
+def serving_input_receiver_fn(spec) -> Callable[[], tf.estimator.export.ServingInputReceiver]:
+    """Receivers for raw ``image`` tensors (the default) and serialized ``tf.Example`` records.
+
+    ``ServingInputReceiver`` maps every receiver onto one ``features`` dict, so the image feature
+    is a ``placeholder_with_default`` over the decoded examples: feeding ``image`` (float32
+    ``[None, 28, 28, 1]`` in [0, 1]) overrides the default, feeding ``examples`` (serialized
+    ``tf.Example`` strings in the records' own format) computes it. The default receiver gives
+    the ``serving_default``, ``predict`` and ``classification``-less signatures; the ``examples``
+    alternative adds ``examples:classification``, which TF Serving's Classify API needs.
+    """
+
+    def receiver_fn():
+        serialized = tf.compat.v1.placeholder(tf.string, [None], name="examples")
+        decoded, _ = data_pipeline.parse_serialized(serialized, spec)
+        image = tf.compat.v1.placeholder_with_default(
+            decoded["image"], [None, *spec.image_shape], name="image"
+        )
+        return tf.estimator.export.ServingInputReceiver(
+            features={"image": image},
+            receiver_tensors={"image": image},
+            receiver_tensors_alternatives={"examples": {"examples": serialized}},
+        )
+
+    return receiver_fn
+
+
+def export(config: Config) -> Dict[str, Any]:
+    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a ``.keras`` file.
+
+    Returns:
+        ``{"saved_model", "checkpoint", "keras"}``.
+    """
+    config.validate()
+    spec = data_pipeline.load_spec(config.data_dir)
+    checkpoint = resolve_checkpoint(config)
+    estimator = make_estimator(config, spec)
+    os.makedirs(config.export_dir, exist_ok=True)
+    path = estimator.export_saved_model(
+        config.export_dir, serving_input_receiver_fn(spec), checkpoint_path=checkpoint
+    )
+    path = path.decode() if isinstance(path, bytes) else path
+    result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
+    if config.keras_output:
+        model = keras_model_from_checkpoint(config, checkpoint)
+        _atomic_keras_save(model, config.keras_output)
+        result["keras"] = config.keras_output
+    return result
+
+
+def _eager_model(config: Config) -> keras.Model:
+    return keras_models.build_model(config.model, **model_params(config))
+
+
+def keras_model_from_checkpoint(config: Config, checkpoint: Optional[str] = None) -> keras.Model:
+    """The network as a plain (float32) Keras model with the Estimator checkpoint's weights.
+
+    Checkpoint keys are the weights' names without ``:0`` (``conv1/kernel``), stable because every
+    layer is named.
+    """
+    checkpoint = checkpoint or resolve_checkpoint(config)
+    reader = tf.train.load_checkpoint(checkpoint)
+    with precision_policy("float32"):
+        model = _eager_model(config)
+    missing = []
+    for weight in model.weights:
+        key = _checkpoint_key(weight)
+        if reader.has_tensor(key):
+            weight.assign(reader.get_tensor(key))
+        else:
+            missing.append(key)
+    if missing:
+        raise UsageError(
+            f"checkpoint {checkpoint} has no {', '.join(missing[:3])} for model {config.model!r}; "
+            "is --model the network this checkpoint was trained with?"
+        )
+    return model
+
+
+def _checkpoint_key(weight: tf.Variable) -> str:
+    return re.sub(r":\d+$", "", weight.name)
+
+
+def _atomic_keras_save(model: keras.Model, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    tmp = f"{path}.tmp{suffix}"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str) -> List[str]:
+    """Writes a Keras weights file as a name-keyed checkpoint an Estimator can warm-start from.
+
+    Returns:
+        The checkpoint keys written (the network's weights, named ``<layer>/<weight>``).
+    """
+    if not os.path.exists(weights_path):
+        raise UsageError(f"--warm_start_from {weights_path} does not exist")
+    with precision_policy("float32"):
+        model = _eager_model(config)
+    try:
+        if weights_path.endswith(".keras"):
+            model.set_weights(keras.models.load_model(weights_path, compile=False).get_weights())
+        else:
+            model.load_weights(weights_path)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"cannot load Keras weights for {config.model!r} from {weights_path}: "
+            f"{_first_line(error)}"
+        ) from None
+    values = {_checkpoint_key(w): w.numpy() for w in model.weights}
+    os.makedirs(out_dir, exist_ok=True)
+    # A name-keyed (TF1-style) checkpoint, the format WarmStartSettings reads.
+    with tf.Graph().as_default():
+        graph_vars = {
+            name: tf.compat.v1.Variable(value, name=name) for name, value in values.items()
+        }
+        saver = tf.compat.v1.train.Saver(var_list=graph_vars)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, os.path.join(out_dir, "keras_weights"), write_meta_graph=False)
+    return sorted(values)
+
+
+def _warm_start_settings(config: Config) -> tf.estimator.WarmStartSettings:
+    out_dir = os.path.join(config.model_dir, "warm_start")
+    names = keras_weights_to_checkpoint(config, config.warm_start_from, out_dir)
+    return tf.estimator.WarmStartSettings(
+        ckpt_to_initialize_from=os.path.join(out_dir, "keras_weights"),
+        # Matched with re.match against graph names such as "conv1/kernel:0"; the colon stops
+        # "conv1/kernel" from also matching the optimizer's "conv1/kernel/Adam" slots.
+        vars_to_warm_start=[f"{re.escape(name)}:" for name in names],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Progress
+# --------------------------------------------------------------------------------------------
+
+
+class ProgressHook(tf.estimator.SessionRunHook):
+    """Logs step, loss and examples/s every N steps, with a progress bar and ETA on a terminal."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        start_step: int,
+        target_step: int,
+        every_n_steps: int = 100,
+        progress_bar: bool = True,
+        stream=None,
+    ):
+        self._batch_size = batch_size
+        self._start_step = start_step
+        self._target = target_step
+        self._every = every_n_steps
+        self._stream = stream or sys.stderr
+        self._bar_wanted = progress_bar and getattr(self._stream, "isatty", lambda: False)()
+        self._bar = None
+        self.seconds = 0.0
+        self.examples_per_sec = 0.0
+        self.step = start_step
+
+    def begin(self):
+        self._global_step = tf.compat.v1.train.get_global_step()
+        self._loss = tf.compat.v1.get_collection(LOSS_COLLECTION)[0]
+
+    def after_create_session(self, session, coord):
+        self._step = int(session.run(self._global_step))
+        self._first_step = self._step
+        self._t0 = self._last_t = None
+        self._last_step = self._step
+        if self._bar_wanted:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self._target,
+                initial=self._step,
+                unit="step",
+                file=self._stream,
+                dynamic_ncols=True,
+                leave=False,
+            )
+
+    def before_run(self, run_context):
+        fetches = {"step": self._global_step}
+        if (self._step + 1) % self._every == 0 or self._step + 1 >= self._target:
+            fetches["loss"] = self._loss
+        return tf.estimator.SessionRunArgs(fetches)
+
+    def after_run(self, run_context, run_values):
+        now = time.perf_counter()
+        step = int(run_values.results["step"]) + 1
+        if self._t0 is None:  # time from the end of the first step: it includes graph warm-up
+            self._t0 = self._last_t = now
+            self._timed_from = self._last_step = step
+        if self._bar is not None:
+            self._bar.update(step - self._step)
+        self._step = self.step = step
+        if "loss" in run_values.results:
+            line = f"step {step:>7d}/{self._target}  loss {run_values.results['loss']:.4f}"
+            if now > self._last_t:
+                rate = (step - self._last_step) * self._batch_size / (now - self._last_t)
+                line += f"  {rate:,.0f} examples/s"
+            if self._bar is not None:
+                self._bar.write(line, file=self._stream)
+            else:
+                print(line, file=self._stream, flush=True)
+            self._last_t, self._last_step = now, step
+
+    def end(self, session):
+        if self._bar is not None:
+            self._bar.close()
+        if self._t0 is not None:
+            self.seconds = time.perf_counter() - self._t0
+            steps = self._step - self._timed_from
+            self.examples_per_sec = steps * self._batch_size / self.seconds if steps > 0 else 0.0
+
+
+class StopOnSignalHook(tf.estimator.SessionRunHook):
+    """Turns SIGINT/SIGTERM into a clean stop, so the Estimator saves a final checkpoint.
+
+    A second signal is handled as usual (KeyboardInterrupt), for a user who really wants out.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        for sig, handler in self._previous.items():  # the next signal acts as before
+            signal.signal(sig, handler)
+
+    def after_create_session(self, session, coord):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def after_run(self, run_context, run_values):
+        if self.interrupted:
+            run_context.request_stop()
+
+    def end(self, session):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def _info(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

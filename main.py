@@ -1,0 +1,114 @@
+"""Command-line entry point: parse flags, build one config, run one job.
+
+Examples:
+    python main.py --mode=prepare --data_dir=data/mnist
+    python main.py --mode=train --model=cnn --epochs=3
+    python main.py --mode=evaluate --model=cnn --eval_split=both
+"""
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags as absl_flags
+
+import flags
+import tfenv  # noqa: F401 - must precede TensorFlow: silences its C++ logs
+
+FLAGS = absl_flags.FLAGS
+
+
+def build_config():
+    """One estimator_bridge.Config from the parsed flags."""
+    import estimator_bridge
+
+    return estimator_bridge.Config(
+        model=FLAGS.model,
+        data_dir=FLAGS.data_dir,
+        model_dir=FLAGS.model_dir or os.path.join("models", FLAGS.model),
+        batch_size=FLAGS.batch_size,
+        eval_batch_size=FLAGS.eval_batch_size,
+        epochs=FLAGS.epochs,
+        train_steps=FLAGS.train_steps,
+        learning_rate=FLAGS.learning_rate,
+        lr_schedule=FLAGS.lr_schedule,
+        dropout_rate=FLAGS.dropout_rate,
+        precision=FLAGS.precision,
+        augment=FLAGS.augment,
+        augment_shift=FLAGS.augment_shift,
+        seed=FLAGS.seed,
+        checkpoint_path=FLAGS.checkpoint_path,
+        eval_split=FLAGS.eval_split,
+        eval_limit=FLAGS.limit,
+        train_limit=FLAGS.limit,
+        export_dir=FLAGS.export_dir or os.path.join("exports", FLAGS.model),
+        predict_split=FLAGS.predict_split,
+        output_dir=FLAGS.output_dir or os.path.join("predictions", FLAGS.model),
+        plot=FLAGS.plot,
+        warm_start_from=FLAGS.warm_start_from,
+        keras_output=FLAGS.keras_output,
+        save_checkpoints_steps=FLAGS.save_checkpoints_steps,
+        keep_checkpoint_max=FLAGS.keep_checkpoint_max,
+        log_every_n_steps=FLAGS.log_every_n_steps,
+        intra_op_threads=FLAGS.intra_op_threads,
+        inter_op_threads=FLAGS.inter_op_threads,
+        eval_throttle_secs=FLAGS.eval_throttle_secs,
+    )
+
+
+def run() -> dict:
+    """Runs the job named by --mode and returns its result."""
+    if FLAGS.mode == "prepare":
+        import data_pipeline
+
+        spec = data_pipeline.prepare(
+            FLAGS.data_dir,
+            source_dir=FLAGS.source_dir,
+            records_per_shard=FLAGS.records_per_shard,
+            compression="GZIP" if FLAGS.gzip else None,
+            overwrite=FLAGS.overwrite,
+        )
+        return {"data_dir": FLAGS.data_dir, **{s: spec.num_records(s) for s in spec.splits}}
+    import estimator_bridge
+
+    return getattr(estimator_bridge, FLAGS.mode)(build_config())
+
+
+def main(argv):
+    """Runs one job; known failures become one line on stderr and an exit code."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    tfenv.silence_python_logging()
+    import data_pipeline
+    import estimator_bridge
+
+    try:
+        result = run()
+    except (
+        data_pipeline.DataError,
+        estimator_bridge.UsageError,
+        estimator_bridge.TrainingError,
+    ) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    print(json.dumps(result))
+    if result.get("interrupted"):
+        sys.exit(130)
+
+
+def parse_flags(argv):
+    """Parses flags like absl, but a bad flag is one line on stderr and exit code 2."""
+    try:
+        return FLAGS(argv)
+    except absl_flags.Error as error:
+        print(f"error: {error} (see --helpfull)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    flags.define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,334 @@
+"""estimator_bridge: per-mode EstimatorSpecs for every network, and real training end to end."""
+
+import dataclasses
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+import data_pipeline
+import estimator_bridge
+import keras_models
+from estimator_bridge import EVAL, PREDICT, TRAIN
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def real_batch(mnist_data_dir):
+    """The first 8 real test images and labels."""
+    features, labels = next(iter(data_pipeline.make_dataset(mnist_data_dir, "test", BATCH)))
+    return features["image"].numpy(), labels.numpy()
+
+
+def _spec(name_or_builder, mode, real_batch, **params):
+    images, labels = real_batch
+    with tf.Graph().as_default():
+        features = {"image": tf.constant(images)}
+        spec = estimator_bridge.model_fn(
+            features,
+            None if mode == PREDICT else tf.constant(labels),
+            mode,
+            {"model": name_or_builder, "learning_rate": 1e-3, **params},
+        )
+        return spec, tf.compat.v1.get_default_graph()
+
+
+@pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
+def test_predict_spec(name, real_batch):
+    spec, _ = _spec(name, PREDICT, real_batch, intermediates=True)
+    p = spec.predictions
+    assert p["classes"].dtype == tf.int64 and p["classes"].shape.as_list() == [BATCH]
+    assert p["probabilities"].dtype == tf.float32
+    assert p["probabilities"].shape.as_list() == [BATCH, 10]
+    assert p["logits"].shape.as_list() == [BATCH, 10]
+    # Every named layer's output is exposed, derived from the Keras graph.
+    layers = {layer.name for layer in keras_models.build_model(name).layers}
+    assert layers - {"image"} <= set(p)
+    assert "dense1" in p and p["dense1"].shape.as_list() == [BATCH, 1024]
+    assert set(spec.export_outputs) == {"serving_default", "classification", "predict"}
+    assert spec.loss is None and spec.train_op is None
+
+
+@pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
+def test_eval_spec(name, real_batch):
+    spec, _ = _spec(name, EVAL, real_batch)
+    assert spec.loss.shape.rank == 0 and spec.loss.dtype == tf.float32
+    assert set(spec.eval_metric_ops) == {"accuracy", "mean_per_class_accuracy", "confusion_matrix"}
+    value, update = spec.eval_metric_ops["confusion_matrix"]
+    assert value.shape.as_list() == [10, 10]
+    assert spec.train_op is None
+
+
+@pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
+def test_train_spec(name, real_batch):
+    spec, graph = _spec(name, TRAIN, real_batch)
+    assert spec.loss.shape.rank == 0 and spec.loss.dtype == tf.float32
+    assert spec.train_op is not None
+    # Dropout is active in TRAIN mode only: the graph holds a live dropout mask.
+    assert any("dropout" in op.name and op.type == "RandomUniform" for op in graph.get_operations())
+    summaries = {t.op.name for t in graph.get_collection(tf.compat.v1.GraphKeys.SUMMARIES)}
+    assert {"train_accuracy", "learning_rate", "input_images"} <= summaries
+
+
+def test_mixed_bfloat16_spec_keeps_float32_outputs(real_batch):
+    spec, graph = _spec("cnn", TRAIN, real_batch, precision="mixed_bfloat16")
+    assert spec.loss.dtype == tf.float32
+    kinds = {
+        v.dtype.base_dtype for v in graph.get_collection(tf.compat.v1.GraphKeys.GLOBAL_VARIABLES)
+    }
+    assert tf.bfloat16 not in kinds  # variables stay float32
+    assert any(
+        op.type == "Conv2D" and op.get_attr("T") == tf.bfloat16 for op in graph.get_operations()
+    )
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def _bn_l2_model(dropout_rate=0.0):
+    """A network with BatchNorm and an L2 regulariser, to check updates and regularisation."""
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    x = keras.layers.Dense(16, name="dense1", kernel_regularizer=keras.regularizers.l2(0.01))(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Activation("relu", name="relu")(x)
+    outputs = keras.layers.Dense(10, name="logits")(x)
+    return keras.Model(inputs, outputs, name="bn_l2")
+
+
+def test_train_runs_batchnorm_updates_and_adds_regularisers(mnist_data_dir, tmp_path, real_batch):
+    images, labels = real_batch
+    spec, graph = _spec(_bn_l2_model, TRAIN, real_batch)
+    with graph.as_default(), tf.compat.v1.Session() as session:
+        session.run(tf.compat.v1.global_variables_initializer())
+        cross_entropy = graph.get_tensor_by_name("sparse_softmax_cross_entropy_loss/value:0")
+        reg = [t for t in graph.get_collection(estimator_bridge.LOSS_COLLECTION)]
+        total, ce = session.run([reg[0], cross_entropy])
+        kernel = [v for v in tf.compat.v1.global_variables() if v.name == "dense1/kernel:0"][0]
+        l2 = 0.01 * np.sum(session.run(kernel) ** 2)
+        np.testing.assert_allclose(total - ce, l2, rtol=1e-4)
+
+    model_dir = str(tmp_path / "bn")
+    estimator = tf.estimator.Estimator(
+        estimator_bridge.model_fn,
+        model_dir=model_dir,
+        params={"model": _bn_l2_model, "learning_rate": 1e-3},
+    )
+    estimator.train(
+        data_pipeline.make_input_fn(mnist_data_dir, "train", 64, num_epochs=None, limit=512),
+        max_steps=5,
+    )
+    reader = tf.train.load_checkpoint(model_dir)
+    assert reader.get_tensor("global_step") == 5
+    moving_mean = reader.get_tensor("bn/moving_mean")
+    moving_var = reader.get_tensor("bn/moving_variance")
+    assert np.abs(moving_mean).max() > 1e-3  # started at 0: the update ops ran
+    assert np.abs(moving_var - 1).max() > 1e-3  # started at 1
+
+
+# ---- end to end on real MNIST ------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cnn_config(mnist_data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cnn_run")
+    return estimator_bridge.Config(
+        model="cnn",
+        data_dir=mnist_data_dir,
+        model_dir=str(root / "model"),
+        batch_size=64,
+        train_steps=60,
+        eval_limit=500,
+        seed=1,
+        save_checkpoints_steps=30,
+        export_dir=str(root / "export"),
+        output_dir=str(root / "predictions"),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(cnn_config):
+    result = estimator_bridge.train(cnn_config)
+    return cnn_config, result
+
+
+def test_train_reaches_target_step_and_learns(trained_cnn):
+    config, result = trained_cnn
+    assert result["global_step"] == 60
+    assert result["examples_per_sec"] > 0
+    assert tf.train.latest_checkpoint(config.model_dir).endswith("model.ckpt-60")
+    metrics = estimator_bridge.evaluate(config)
+    assert metrics["global_step"] == 60 and metrics["examples"] == 500
+    assert metrics["accuracy"] > 0.7  # 60 steps of 64 real digits: far above chance (0.1)
+    assert 0 < metrics["loss"] < 1.5
+    matrix = np.loadtxt(metrics["confusion_matrix"], delimiter=",")
+    assert matrix.shape == (10, 10) and matrix.sum() == 500
+    assert np.trace(matrix) / 500 == pytest.approx(metrics["accuracy"], abs=1e-6)
+
+
+def test_rerun_resumes_and_stops_at_target(trained_cnn, tmp_path):
+    config, _ = trained_cnn
+    # Same target: nothing to do.
+    assert estimator_bridge.train(config)["global_step"] == 60
+    # A copy of the model dir trained further resumes from 60, not from 0.
+    import shutil
+
+    model_dir = str(tmp_path / "resumed")
+    shutil.copytree(config.model_dir, model_dir)
+    further = dataclasses.replace(config, model_dir=model_dir, train_steps=70)
+    assert estimator_bridge.train(further)["global_step"] == 70
+    steps = sorted(
+        int(f.split("-")[1].split(".")[0]) for f in os.listdir(model_dir) if f.endswith(".index")
+    )
+    assert steps[-1] == 70 and 60 in steps
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, "main.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def test_cli_evaluate_prints_json_for_both_splits(trained_cnn):
+    config, _ = trained_cnn
+    run = _cli(
+        "--mode=evaluate",
+        "--model=cnn",
+        f"--data_dir={config.data_dir}",
+        f"--model_dir={config.model_dir}",
+        "--eval_split=both",
+        "--limit=300",
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["split"] == "both" and result["global_step"] == 60
+    for split in ("train", "test"):
+        assert result[split]["examples"] == 300
+        assert 0.5 < result[split]["accuracy"] <= 1
+    assert "Traceback" not in run.stderr and "deprecat" not in run.stderr.lower()
+
+
+def test_predict_writes_csv_and_plots(trained_cnn, tmp_path):
+    config, _ = trained_cnn
+    out = dataclasses.replace(config, output_dir=str(tmp_path / "pred"), plot=True)
+    result = estimator_bridge.predict(out)
+    rows = np.genfromtxt(result["csv"], delimiter=",", names=True)
+    assert len(rows) == 500 == result["examples"]
+    np.testing.assert_array_equal(rows["index"], np.arange(500))
+    _, labels = next(iter(data_pipeline.make_dataset(config.data_dir, "test", 500)))
+    np.testing.assert_array_equal(rows["label"], labels.numpy())
+    assert np.all((rows["probability"] > 0) & (rows["probability"] <= 1))
+    assert result["accuracy"] == pytest.approx(np.mean(rows["label"] == rows["class"]))
+    assert [os.path.basename(p) for p in result["plots"]] == ["samples-test.png", "conv1-test.png"]
+    for path in result["plots"]:
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def exported_cnn(trained_cnn):
+    config, _ = trained_cnn
+    keras_path = os.path.join(os.path.dirname(config.model_dir), "cnn.keras")
+    result = estimator_bridge.export(dataclasses.replace(config, keras_output=keras_path))
+    return config, result
+
+
+def _estimator_probabilities(config, images):
+    estimator = estimator_bridge.make_estimator(config)
+    input_fn = lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))  # noqa: E731
+    return np.stack([row["probabilities"] for row in estimator.predict(input_fn)])
+
+
+def test_export_layout_and_signatures(exported_cnn):
+    config, result = exported_cnn
+    path = result["saved_model"]
+    assert os.path.dirname(path) == config.export_dir
+    assert os.path.basename(path).isdigit()  # TF Serving version directory
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--all", "--dir", path], capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    signatures = set(re.findall(r"signature_def\['([^']+)'\]", shown.stdout))
+    # Raw images feed the default receiver; Classify (TF Serving) needs serialized examples.
+    assert signatures == {
+        "serving_default",
+        "predict",
+        "examples:serving_default",
+        "examples:predict",
+        "examples:classification",
+    }
+    assert (
+        "inputs['image'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 28, 28, 1)"
+        in (shown.stdout)
+    )
+
+
+def test_saved_model_matches_estimator_in_fresh_process(exported_cnn, real_batch, tmp_path):
+    config, result = exported_cnn
+    images, labels = real_batch
+    expected = _estimator_probabilities(config, images)
+    serialized = [
+        data_pipeline.encode_example(np.round(i[..., 0] * 255).astype(np.uint8), int(label))
+        for i, label in zip(images, labels)
+    ]
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "examples.pkl").write_bytes(pickle.dumps(serialized))
+    script = f"""
+import pickle, numpy as np, tensorflow as tf
+m = tf.saved_model.load({result["saved_model"]!r})
+images = np.load({str(tmp_path / "images.npy")!r})
+examples = pickle.loads(open({str(tmp_path / "examples.pkl")!r}, "rb").read())
+raw = m.signatures["serving_default"](image=tf.constant(images))
+ex = m.signatures["examples:serving_default"](examples=tf.constant(examples))
+cls = m.signatures["examples:classification"](inputs=tf.constant(examples))
+np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
+         ex=ex["probabilities"].numpy(), scores=cls["scores"].numpy(),
+         classes=raw["classes"].numpy())
+"""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    np.testing.assert_allclose(out["raw"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["ex"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
+    np.testing.assert_array_equal(out["classes"], expected.argmax(-1))
+
+
+def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
+    config, result = exported_cnn
+    images, _ = real_batch
+    expected = _estimator_probabilities(config, images)
+    model = keras.models.load_model(result["keras"], compile=False)
+    np.testing.assert_allclose(
+        tf.nn.softmax(model(images, training=False)).numpy(), expected, atol=1e-5
+    )
+    # Back again: a fresh Estimator warm-started from the .keras file predicts the same, and
+    # one training step from there moves on from step 0 with those weights.
+    warm = dataclasses.replace(
+        config,
+        model_dir=str(tmp_path / "warm"),
+        warm_start_from=result["keras"],
+        train_steps=1,
+        learning_rate=1e-12,
+    )
+    assert estimator_bridge.train(warm)["global_step"] == 1
+    np.testing.assert_allclose(_estimator_probabilities(warm, images), expected, atol=1e-4)

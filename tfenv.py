@@ -1,0 +1,39 @@
+"""Process-wide TensorFlow settings; import this before TensorFlow at every entry point.
+
+TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL`` and ``TF_USE_LEGACY_KERAS`` only once, when it is first
+imported, so entry points (``main.py``, ``bench/*``, ``tests/conftest.py``) import this module
+first. Library modules never change process state on import.
+"""
+
+import logging
+import os
+import warnings
+
+# C++ INFO/WARNING logs (oneDNN notices, CPU feature banners) off unless the user asked for them.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# One Keras only: the Keras 2 API from tf_keras (mixing keras/tf.keras/tf_keras loses variables).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+def silence_python_logging() -> None:
+    """Hides TensorFlow's Python-side deprecation warnings and INFO logs.
+
+    The Estimator wraps its symbols in deprecation warnings that go through Python logging, so the
+    C++ setting above is not enough (tensorflow/tensorflow#25996).
+    """
+    import tensorflow as tf
+
+    tf.get_logger().setLevel(logging.ERROR)
+    tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.ERROR)
+    try:
+        from tensorflow.python.util import deprecation
+
+        deprecation._PRINT_DEPRECATION_WARNINGS = False
+    except ImportError:  # pragma: no cover - private module moved
+        pass
+    for category in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(tensorflow|tf_keras|keras)")
+    # Under app.run, absl shows Python logging at INFO (e.g. matplotlib's font cache notice).
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
