@@ -4,13 +4,23 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3.10 || command -v p
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# MNIST: --source_dir (SOURCE_DIR=...), else $MNIST_DIR (defaults to ../shared/datasets/mnist when
+# that folder exists), else ~/.keras/datasets/mnist.npz, else a download.
+ifneq ($(wildcard ../shared/datasets/mnist),)
 MNIST_DIR ?= $(abspath ../shared/datasets/mnist)
+endif
+ifdef MNIST_DIR
 export MNIST_DIR
+endif
+SOURCE_DIR ?=
 
 DATA_DIR ?= data/mnist
-MODEL_DIR ?= models/cnn
-EXPORT_DIR ?= exports/cnn
-PREDICT_DIR ?= predictions/cnn
+MODEL ?= cnn
+EPOCHS ?= 1
+MODEL_DIR ?= models/$(MODEL)
+EXPORT_DIR ?= exports/$(MODEL)
+PREDICT_DIR ?= predictions/$(MODEL)
+RUN = $(PY) main.py --model=$(MODEL) --data_dir=$(DATA_DIR) --model_dir=$(MODEL_DIR)
 
 .PHONY: setup demo test lint format clean
 
@@ -22,8 +32,13 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 
+# The main job: prepare MNIST, train one epoch, evaluate on test, export, predict with plots.
 demo: $(STAMP)
-	$(PY) main.py --mode=prepare --data_dir=$(DATA_DIR)
+	$(PY) main.py --mode=prepare --data_dir=$(DATA_DIR) $(if $(SOURCE_DIR),--source_dir=$(SOURCE_DIR))
+	$(RUN) --mode=train --epochs=$(EPOCHS)
+	$(RUN) --mode=evaluate --eval_split=test
+	$(RUN) --mode=export --export_dir=$(EXPORT_DIR) --keras_output=$(EXPORT_DIR)/$(MODEL).keras
+	$(RUN) --mode=predict --output_dir=$(PREDICT_DIR) --plot
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -188,8 +188,8 @@ def model_fn(features, labels, mode, params):
         mode: A ``tf.estimator.ModeKeys`` value.
         params: Dict with ``model`` (a registry name or a builder returning a ``keras.Model``),
             ``model_params`` (builder kwargs), ``learning_rate``, and optionally
-            ``lr_schedule`` + ``decay_steps``, ``precision``, ``intermediates`` (add every named
-            layer's output to the predictions) and ``num_classes``.
+            ``lr_schedule`` + ``decay_steps``, ``precision`` and ``intermediates`` (add every
+            named layer's output to the predictions).
 
     Returns:
         A ``tf.estimator.EstimatorSpec`` for ``mode``.

@@ -24,6 +24,8 @@ def silence_python_logging() -> None:
     import tensorflow as tf
 
     tf.get_logger().setLevel(logging.ERROR)
+    # NanTensorHook logs this at ERROR before raising; the bridge reports it in one line instead.
+    tf.get_logger().addFilter(lambda record: "Model diverged" not in record.getMessage())
     tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.ERROR)
     try:
         from tensorflow.python.util import deprecation

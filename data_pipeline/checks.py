@@ -10,7 +10,12 @@ from typing import Dict, Iterator, Optional, Union
 import tensorflow as tf
 
 from data_pipeline.errors import DataError
-from data_pipeline.reader import COUNT_MISMATCH, parse_serialized
+from data_pipeline.reader import (
+    COUNT_MISMATCH,
+    IMAGE_SIZE_MISMATCH,
+    LABEL_RANGE,
+    parse_serialized,
+)
 from data_pipeline.sources import PathLike
 from data_pipeline.spec import SPEC_NAME, DatasetSpec, load_spec
 
@@ -59,7 +64,17 @@ def _count_records(spec: DatasetSpec, path: str, parse: bool) -> int:
     try:
         for batch in batches:
             if parse:
-                parse_serialized(batch, spec)
+                _, labels = parse_serialized(batch, spec)
+                labels = labels.numpy()
+                bad = (labels < 0) | (labels >= spec.num_classes)
+                if bad.any():
+                    first = int(bad.argmax())
+                    raise DataError(
+                        f"record {count + first} has label {int(labels[first])}; labels must lie "
+                        f"in [0, {spec.num_classes})",
+                        path=path,
+                        fix=_FIX,
+                    )
             count += int(batch.shape[0])
     except tf.errors.DataLossError as e:
         raise DataError(
@@ -103,7 +118,14 @@ def to_data_error(
     is_data_loss = isinstance(error, tf.errors.DataLossError)
     looks_like_data = is_data_loss or any(
         marker in message
-        for marker in ("Could not parse example", "DecodeRaw", "Feature: image", "Feature: label")
+        for marker in (
+            "Could not parse example",
+            "DecodeRaw",
+            "Feature: image",
+            "Feature: label",
+            LABEL_RANGE,
+            IMAGE_SIZE_MISMATCH,
+        )
     )
     if not looks_like_data and COUNT_MISMATCH not in message:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from data_pipeline.errors import DataError
@@ -21,6 +22,9 @@ from data_pipeline.spec import IMAGE_SHAPE, MNIST_FEATURES, SPEC_NAME, DatasetSp
 AUTOTUNE = tf.data.AUTOTUNE
 # Prefix of the in-graph record-count assertion; translate_errors() recognises it.
 COUNT_MISMATCH = "data_pipeline: record count mismatch in shard "
+# Messages of the in-graph label range and image size assertions; translate_errors() knows them.
+LABEL_RANGE = "data_pipeline: label out of range"
+IMAGE_SIZE_MISMATCH = "data_pipeline: image size mismatch"
 # Files read at once when num_parallel_reads is AUTOTUNE: enough to hide I/O latency on a few
 # cores without holding many decoded shards in memory.
 _DEFAULT_CYCLE = 8
@@ -62,10 +66,52 @@ def parse_serialized(
     image_shape = tuple(spec.image_shape) if spec is not None else IMAGE_SHAPE
     parsed = tf.io.parse_example(serialized, _feature_description(features, with_labels))
     pixels = tf.io.decode_raw(parsed["image"], tf.uint8)
+    # Records whose images have another size would otherwise fail in the reshape below with a
+    # message that names neither the data nor the spec.
+    size = int(np.prod(image_shape))
+    shape = tf.shape(pixels, out_type=tf.int64)
+    assertion = tf.debugging.Assert(
+        tf.equal(tf.size(pixels, out_type=tf.int64), shape[0] * size),
+        [f"{IMAGE_SIZE_MISMATCH}: expected {size} bytes per image, records hold", shape[-1]],
+        summarize=1,
+    )
+    with tf.control_dependencies([assertion]):
+        pixels = tf.identity(pixels)
     image = tf.reshape(pixels, [-1, *image_shape])
     image.set_shape([serialized.shape[0], *image_shape])  # Keeps a static batch size.
     image = tf.cast(image, tf.float32) * (1.0 / 255.0)
     return {"image": image}, (parsed["label"] if with_labels else None)
+
+
+def check_labels(
+    features: Dict[str, tf.Tensor], labels: tf.Tensor, num_classes: int
+) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+    """Fails with a LABEL_RANGE assertion if a label lies outside ``[0, num_classes)``.
+
+    Without it a bad label surfaces deep inside the model (a metric's scatter op, or the loss)
+    as an error that names neither the data nor the fix. One reduction per batch.
+
+    Args:
+        features: The parsed features, passed through.
+        labels: int64 [batch] labels.
+        num_classes: Number of classes from the spec.
+
+    Returns:
+        ``(features, labels)``, labels gated on the check.
+    """
+    in_range = tf.reduce_all(tf.logical_and(labels >= 0, labels < num_classes))
+    assertion = tf.debugging.Assert(
+        in_range,
+        [
+            f"{LABEL_RANGE}: labels must lie in [0, {num_classes}), found",
+            tf.reduce_min(labels),
+            "..",
+            tf.reduce_max(labels),
+        ],
+        summarize=1,
+    )
+    with tf.control_dependencies([assertion]):
+        return features, tf.identity(labels)
 
 
 def random_shift(image: tf.Tensor, max_shift: int, seed: Optional[int] = None) -> tf.Tensor:
@@ -243,7 +289,7 @@ def make_dataset(
         records = records.repeat(num_epochs)
     batches = records.batch(batch_size, drop_remainder=drop_remainder)
     dataset = batches.map(
-        lambda serialized: parse_serialized(serialized, spec),
+        lambda serialized: check_labels(*parse_serialized(serialized, spec), spec.num_classes),
         num_parallel_calls=AUTOTUNE,
         deterministic=ordered,
     )

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import io
+import math
 import os
 import socket
+import struct
 import threading
 import zlib
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import BinaryIO, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -51,6 +54,10 @@ _IDX_TYPES = {
     0x0E: "float64",
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+# Deflate expands data at most about 1032-fold; bounds what a gzip file can claim to hold.
+_GZIP_MAX_RATIO = 1100
+# numpy (< 2) arrays have at most 32 dimensions; MNIST files have 1 or 3.
+_MAX_IDX_DIMS = 32
 
 PathLike = Union[str, os.PathLike]
 
@@ -103,17 +110,25 @@ def _read_bytes(path: PathLike) -> bytes:
 
 def _parse_idx(data: bytes, path: PathLike) -> np.ndarray:
     fix = "replace it with an intact copy of the MNIST file"
-    if data[:2] == _GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"corrupt gzip data ({e})", path=path, fix=fix) from e
-    if len(data) < 4:
-        raise DataError(f"too short for an IDX header ({len(data)} bytes)", path=path, fix=fix)
-    zero0, zero1, dtype_code, ndim = data[0], data[1], data[2], data[3]
+    compressed = data[:2] == _GZIP_MAGIC
+    # Streamed, so a header's claimed size is checked before anything that big is decompressed.
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if compressed else io.BytesIO(data)
+    try:
+        return _parse_idx_stream(stream, len(data), compressed, path, fix)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError.
+        raise DataError(f"corrupt gzip data ({e})", path=path, fix=fix) from e
+
+
+def _parse_idx_stream(
+    stream: BinaryIO, file_size: int, compressed: bool, path: PathLike, fix: str
+) -> np.ndarray:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"too short for an IDX header ({len(head)} bytes)", path=path, fix=fix)
+    zero0, zero1, dtype_code, ndim = head
     if zero0 != 0 or zero1 != 0 or ndim == 0:
         raise DataError(
-            f"not an IDX file (magic bytes {data[:4].hex()}, expected 0000 08 0N)",
+            f"not an IDX file (magic bytes {head.hex()}, expected 0000 08 0N)",
             path=path,
             fix=fix,
         )
@@ -126,24 +141,51 @@ def _parse_idx(data: bytes, path: PathLike) -> np.ndarray:
             fix=fix,
         )
     header_len = 4 + 4 * ndim
-    if len(data) < header_len:
+    dims = stream.read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise DataError(
-            f"truncated IDX header ({len(data)} bytes, need {header_len} for {ndim} dimensions)",
+            f"truncated IDX header ({4 + len(dims)} bytes, need {header_len} for {ndim} "
+            "dimensions)",
             path=path,
             fix=fix,
         )
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64))
-    actual = len(data) - header_len
-    if actual != expected:
-        what = "truncated" if actual < expected else "has trailing bytes"
+    if ndim > _MAX_IDX_DIMS:
+        raise DataError(
+            f"IDX header claims {ndim} dimensions (at most {_MAX_IDX_DIMS} are supported)",
+            path=path,
+            fix=fix,
+        )
+    shape = struct.unpack(f">{ndim}I", dims)
+    expected = math.prod(shape)  # Python ints: no overflow for absurd dimensions.
+    # The payload can be no larger than the file allows, so an absurd header fails here, before
+    # any allocation: raw files hold exactly their size, deflate expands at most ~1032-fold.
+    capacity = file_size * _GZIP_MAX_RATIO if compressed else file_size - header_len
+    if expected > capacity:
+        holds = f"at most {capacity} (gzip)" if compressed else str(capacity)
+        raise DataError(
+            f"IDX payload truncated: header says shape {list(shape)} = {expected} bytes, "
+            f"file holds {holds}",
+            path=path,
+            fix=fix,
+        )
+    payload = stream.read(expected)
+    extra = stream.read(1)
+    if len(payload) != expected or extra:
+        what = "truncated" if len(payload) < expected else "has trailing bytes"
+        actual = file_size - header_len if not compressed else len(payload)
+        holds = str(actual) if not extra or not compressed else "more"
         raise DataError(
             f"IDX payload {what}: header says shape {list(shape)} = {expected} bytes, "
-            f"file holds {actual}",
+            f"file holds {holds}",
             path=path,
             fix=fix,
         )
-    return np.frombuffer(data, np.uint8, offset=header_len).reshape(shape)
+    try:
+        return np.frombuffer(payload, np.uint8).reshape(shape)
+    except ValueError as e:  # E.g. a zero dimension beside dimensions too big for numpy.
+        raise DataError(
+            f"IDX header shape {list(shape)} is not a valid array shape ({e})", path=path, fix=fix
+        ) from e
 
 
 def _check_arrays(
@@ -193,8 +235,12 @@ def _read_sha256sums(folder: Path) -> Dict[str, str]:
     sums_path = folder / "SHA256SUMS"
     if not sums_path.is_file():
         return {}
+    try:
+        text = sums_path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise DataError(f"cannot read file ({e.strerror})", path=sums_path) from e
     sums = {}
-    for line in sums_path.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.split()
         if len(parts) == 2:
             sums[parts[1].lstrip("*")] = parts[0].lower()

@@ -27,6 +27,41 @@ PathLike = Union[str, os.PathLike]
 _FIX_PREPARE = "re-run --mode=prepare with --overwrite for this --data_dir"
 
 
+# Largest count or size a spec may hold: TensorFlow stores counts as int64 and the reader adds
+# one to a shard's count, so anything near 2**63 would overflow inside the graph.
+_MAX_COUNT = 2**62
+# Deflate expands data at most about 1032-fold.
+_GZIP_MAX_RATIO = 1100
+
+
+def _count(value: Any, key: str) -> int:
+    """Returns ``value`` if it is a JSON integer in [0, 2**62]; raises ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, got {value!r:.40}")
+    if not 0 <= value <= _MAX_COUNT:
+        raise ValueError(f"{key} must lie in [0, 2**62], got {value!r:.40}")
+    return value
+
+
+def _text(value: Any, key: str) -> str:
+    """Returns ``value`` if it is a JSON string; raises ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string, got {value!r:.40}")
+    return value
+
+
+def _list(value: Any, key: str) -> list:
+    """Returns ``value`` if it is a JSON array; raises ValueError otherwise."""
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list, got {value!r:.40}")
+    return value
+
+
+def _shape(value: Any, key: str) -> Tuple[int, ...]:
+    """Returns a JSON array of non-negative integers as a tuple; raises ValueError otherwise."""
+    return tuple(_count(d, key) for d in _list(value, key))
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSpec:
     """One feature of the stored tf.train.Example records.
@@ -72,10 +107,10 @@ class FeatureSpec:
     def from_json(cls, obj: Dict[str, Any]) -> FeatureSpec:
         """Builds a FeatureSpec from its JSON form (derived fields are ignored)."""
         return cls(
-            dtype=str(obj["dtype"]),
-            shape=tuple(int(d) for d in obj["shape"]),
-            encoding=str(obj["encoding"]),
-            length_type=str(obj.get("length_type", "fixed")),
+            dtype=_text(obj["dtype"], "dtype"),
+            shape=_shape(obj["shape"], "shape"),
+            encoding=_text(obj["encoding"], "encoding"),
+            length_type=_text(obj.get("length_type", "fixed"), "length_type"),
             default=obj.get("default"),
         )
 
@@ -184,7 +219,7 @@ class DatasetSpec:
         """
         path = os.path.join(data_dir, SPEC_NAME)
         try:
-            version = int(obj["format_version"])
+            version = _count(obj["format_version"], "format_version")
             if version != FORMAT_VERSION:
                 raise DataError(
                     f"format_version {version} is not supported (expected {FORMAT_VERSION})",
@@ -193,10 +228,14 @@ class DatasetSpec:
                 )
             splits = {
                 name: SplitSpec(
-                    num_records=int(s["num_records"]),
+                    num_records=_count(s["num_records"], "num_records"),
                     shards=tuple(
-                        ShardSpec(str(x["file"]), int(x["num_records"]), int(x["num_bytes"]))
-                        for x in s["shards"]
+                        ShardSpec(
+                            _text(x["file"], "file"),
+                            _count(x["num_records"], "num_records"),
+                            _count(x["num_bytes"], "num_bytes"),
+                        )
+                        for x in _list(s["shards"], "shards")
                     ),
                 )
                 for name, s in obj["splits"].items()
@@ -204,18 +243,18 @@ class DatasetSpec:
             spec = cls(
                 features={n: FeatureSpec.from_json(f) for n, f in obj["features"].items()},
                 splits=splits,
-                num_classes=int(obj["num_classes"]),
-                image_shape=tuple(int(d) for d in obj["image_shape"]),
+                num_classes=_count(obj["num_classes"], "num_classes"),
+                image_shape=_shape(obj["image_shape"], "image_shape"),
                 compression=obj["compression"] or None,
-                source_checksum=str(obj["source"]["checksum"]),
-                source_name=str(obj["source"].get("name", "")),
-                records_per_shard=int(obj.get("records_per_shard", 0)),
+                source_checksum=_text(obj["source"]["checksum"], "checksum"),
+                source_name=_text(obj["source"].get("name", ""), "name"),
+                records_per_shard=_count(obj.get("records_per_shard", 0), "records_per_shard"),
                 format_version=version,
                 data_dir=os.fspath(data_dir),
             )
         except DataError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             problem = f"missing key {e}" if isinstance(e, KeyError) else f"malformed ({e})"
             raise DataError(problem, path=path, fix=_FIX_PREPARE) from e
         spec._validate(path)
@@ -226,15 +265,39 @@ class DatasetSpec:
             return DataError(problem, path=path, fix=_FIX_PREPARE)
 
         if self.compression not in COMPRESSIONS:
-            raise bad(f"unknown compression {self.compression!r}")
+            raise bad(f"unknown compression {self.compression!r:.40}")
+        # The writer only writes MNIST's layout and the networks only take it; anything else
+        # would fail deep inside TensorFlow (or allocate absurd tensors) instead of here.
+        if self.image_shape != IMAGE_SHAPE:
+            raise bad(f"image_shape {list(self.image_shape)} is not {list(IMAGE_SHAPE)}")
+        if self.num_classes != NUM_CLASSES:
+            raise bad(f"num_classes {self.num_classes} is not {NUM_CLASSES}")
         for name in ("image", "label"):
             if name not in self.features:
                 raise bad(f"no {name!r} feature")
-        image = self.features["image"]
-        if not image.isbyte or image.dtype != "uint8" or image.shape != self.image_shape:
+        if set(self.features) != {"image", "label"}:
+            raise bad(f"features must be image and label, got {sorted(self.features)!r:.80}")
+        image, label = self.features["image"], self.features["label"]
+        if (
+            not image.isbyte
+            or image.dtype != "uint8"
+            or image.shape != self.image_shape
+            or image.length_type != "fixed"
+        ):
             raise bad("the image feature must be raw uint8 bytes of shape image_shape")
-        if self.features["label"].dtype != "int64" or self.features["label"].shape != ():
-            raise bad("the label feature must be an int64 scalar")
+        default_ok = label.default is None or (
+            isinstance(label.default, int)
+            and not isinstance(label.default, bool)
+            and -_MAX_COUNT <= label.default <= _MAX_COUNT
+        )
+        if (
+            label.dtype != "int64"
+            or label.shape != ()
+            or label.encoding != "int64_list"
+            or label.length_type != "fixed"
+            or not default_ok
+        ):
+            raise bad("the label feature must be an int64 scalar with an integer default")
         for name, split in self.splits.items():
             if not split.shards:
                 raise bad(f"split {name!r} lists no shards")
@@ -245,7 +308,21 @@ class DatasetSpec:
                     f"{total}"
                 )
             for shard in split.shards:
-                if os.path.basename(shard.file) != shard.file or shard.file.startswith("."):
+                # A record takes at least 16 bytes, gzip shrinks at most ~1032-fold: a count beyond
+                # even this loose bound is a lie (and would overflow the reader's int64 sizes).
+                capacity = shard.num_bytes * (1 if self.compression is None else _GZIP_MAX_RATIO)
+                if shard.num_records > capacity:
+                    raise bad(
+                        f"shard {shard.file!r:.80} says {shard.num_records} records, more than its "
+                        f"{shard.num_bytes} bytes can hold"
+                    )
+                if (
+                    os.path.basename(shard.file) != shard.file
+                    or shard.file.startswith(".")
+                    or not shard.file
+                    or "\0" in shard.file
+                    or len(shard.file.encode("utf-8", "replace")) > 255
+                ):
                     raise bad(f"shard name {shard.file!r} must be a plain file name")
 
     def check_files(self) -> None:
@@ -262,6 +339,12 @@ class DatasetSpec:
                     raise DataError(
                         f"shard listed in {SPEC_NAME} is missing", path=full, fix=_FIX_PREPARE
                     ) from None
+                except (OSError, ValueError) as e:
+                    raise DataError(
+                        f"cannot stat shard listed in {SPEC_NAME} ({e})",
+                        path=full,
+                        fix=_FIX_PREPARE,
+                    ) from e
                 if size != shard.num_bytes:
                     raise DataError(
                         f"shard is {size} bytes but {SPEC_NAME} says {shard.num_bytes} "
@@ -301,7 +384,7 @@ def load_spec(data_dir: PathLike, *, check_records: bool = False) -> DatasetSpec
             path=data_dir,
             fix=_PREPARE_HINT,
         ) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError.
         raise DataError(f"unreadable ({e})", path=path, fix=_FIX_PREPARE) from e
     if not isinstance(obj, dict):
         raise DataError("not a JSON object", path=path, fix=_FIX_PREPARE)
