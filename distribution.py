@@ -11,12 +11,16 @@ What TF 2.15's Estimator does with each strategy (found by running it, see the d
   between-graph with ``replica_device_setter`` (classic asynchronous parameter servers).
 * ``mirrored``: synchronous data parallelism over this machine's GPUs, or over its logical CPU
   devices when there are several and no GPU. Single machine only.
-* ``multi_worker_mirrored``: synchronous all-reduce across workers. The Estimator deep-copies
-  the strategy, which fails under eager TF 2 (``cannot pickle '_thread.lock'`` or similar); it is
-  offered so the failure is one clear error, not a silent fallback.
+* ``multi_worker_mirrored``: synchronous all-reduce across ``chief`` + ``worker`` tasks. Works
+  with ``--mode=train_and_evaluate`` on TF 2.15.1 (the ``cannot pickle '_thread.lock'`` failure
+  of tensorflow#46556 did not reproduce), though TensorFlow calls it unsupported with Estimator.
+  It must be built before TF's runtime initialises, and never on the evaluator task.
 * ``parameter_server``: asynchronous training on ``tf.compat.v1...ParameterServerStrategy`` (the
   v2 class is rejected by the Estimator) with ``chief``/``worker``/``ps``/``evaluator`` tasks
-  from ``TF_CONFIG``; only ``--mode=train_and_evaluate`` runs on a cluster.
+  from ``TF_CONFIG``.
+
+On a cluster every strategy needs ``--mode=train_and_evaluate``: ``Estimator.train`` and
+``evaluate`` raise "Only `STANDALONE_CLIENT` mode is supported ...".
 """
 
 from __future__ import annotations
@@ -145,14 +149,19 @@ def current_task() -> Dict[str, Any]:
     }
 
 
-def session_config_kwargs() -> Dict[str, Any]:
-    """Extra ``tf.compat.v1.ConfigProto`` arguments so graph sessions see every logical CPU.
+def session_config_kwargs(name: str) -> Dict[str, Any]:
+    """Extra ``tf.compat.v1.ConfigProto`` arguments for the strategy ``name``.
 
-    The Estimator runs ``tf.compat.v1.Session``s, which ignore the eager context's logical
-    device configuration: without ``device_count`` a session has only ``/cpu:0`` and a
-    MirroredStrategy over two logical CPUs fails with "Cannot assign a device for operation ...
-    was explicitly assigned to ... /device:CPU:1 but available devices are [ ... CPU:0 ]".
+    For ``mirrored``: the Estimator runs ``tf.compat.v1.Session``s, which ignore the eager
+    context's logical device configuration, so without ``device_count`` a session has only
+    ``/cpu:0`` and a MirroredStrategy over two logical CPUs fails with "Cannot assign a device
+    for operation ... was explicitly assigned to ... /device:CPU:1 but available devices are
+    [ ... CPU:0 ]". Other strategies get nothing: listing devices initialises TensorFlow's
+    runtime, after which MultiWorkerMirroredStrategy cannot be built ("Collective ops must be
+    configured at program startup").
     """
+    if name != "mirrored":
+        return {}
     import tensorflow as tf
 
     cpus = len(tf.config.list_logical_devices("CPU"))

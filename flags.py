@@ -5,6 +5,8 @@ from absl import flags
 MODES = ("prepare", "train", "evaluate", "train_and_evaluate", "predict", "export")
 # Kept here rather than imported so `--help` does not import TensorFlow.
 MODEL_NAMES = ("birnn", "cnn", "cnn_rnn", "rnn")
+# distribution.STRATEGIES, repeated so `--help` does not import the project.
+DISTRIBUTIONS = ("none", "mirrored", "multi_worker_mirrored", "parameter_server")
 
 
 def define_flags() -> None:
@@ -47,6 +49,12 @@ def define_flags() -> None:
     f.DEFINE_integer("log_every_n_steps", 100, "Progress line every N steps.")
     f.DEFINE_integer("intra_op_threads", 0, "TensorFlow intra-op threads (0: automatic).")
     f.DEFINE_integer("inter_op_threads", 0, "TensorFlow inter-op threads (0: automatic).")
+    f.DEFINE_enum(
+        "distribution",
+        "none",
+        DISTRIBUTIONS,
+        "tf.distribute strategy; the cluster comes from TF_CONFIG (docs/DISTRIBUTED.md).",
+    )
     f.DEFINE_integer("limit", None, "Use only the first N examples of each split (quick runs).")
     # Evaluation, prediction, export.
     f.DEFINE_string("checkpoint_path", None, "Checkpoint prefix or folder (default: latest).")

@@ -54,6 +54,7 @@ def build_config():
         intra_op_threads=FLAGS.intra_op_threads,
         inter_op_threads=FLAGS.inter_op_threads,
         eval_throttle_secs=FLAGS.eval_throttle_secs,
+        distribution=FLAGS.distribution,
     )
 
 
