@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Tuple
 
 import tf_keras as keras
 
-from keras_models.networks import GateBias, build_birnn, build_cnn, build_cnn_rnn, build_rnn
+from keras_models.networks import build_birnn, build_cnn, build_cnn_rnn, build_rnn
 
 # Read-only so that importers cannot swap a builder out from under the Estimator bridge.
 MODELS: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(
@@ -67,7 +67,6 @@ def build_model(name: str, **hparams) -> keras.Model:
 
 
 __all__ = [
-    "GateBias",
     "MODELS",
     "MODEL_NAMES",
     "build_birnn",

@@ -15,7 +15,6 @@ computes in bfloat16 while the logits, and therefore the loss and softmax, stay 
 import numbers
 from typing import Sequence, Tuple
 
-import tensorflow as tf
 import tf_keras as keras
 
 NUM_CLASSES = 10
@@ -74,35 +73,6 @@ def _rows(image, input_shape):
     return keras.layers.Reshape((height, width * channels), name="rows")(image)
 
 
-@keras.saving.register_keras_serializable(package="keras_models")
-class GateBias(keras.initializers.Initializer):
-    """GRU bias initializer: ``value`` for the update and reset gates, 0 for the candidate.
-
-    TF1's ``GRUCell``, which the tutorial used, starts both gate biases at 1.0 (gates open: the
-    state is carried over and gradients flow through time from the first step); Keras' ``GRU``
-    starts them at 0. Keras orders the gates z (update), r (reset), h (candidate); with
-    ``reset_after=True`` the bias is ``[2, 3 * units]`` (input and recurrent rows) and only the
-    input row gets the value, so each gate's total bias is ``value``.
-    """
-
-    def __init__(self, value: float = 1.0):
-        self.value = float(value)
-
-    def __call__(self, shape, dtype=None, **kwargs):
-        units = shape[-1] // 3
-        gates = tf.concat([tf.fill([2 * units], self.value), tf.zeros([units])], axis=0)
-        if len(shape) == 2:
-            gates = tf.stack([gates] + [tf.zeros_like(gates)] * (shape[0] - 1))
-        return tf.cast(gates, dtype or tf.float32)
-
-    def get_config(self):
-        return {"value": self.value}
-
-
-# Legacy .h5 files name the initializer by its bare class name, not the registered one.
-keras.utils.get_custom_objects().setdefault("GateBias", GateBias)
-
-
 def _gru_stack(x, gru_units, suffix="", go_backwards=False):
     """Two stacked GRUs (``gru1{suffix}`` returns sequences, ``gru2{suffix}`` the last state).
 
@@ -116,15 +86,9 @@ def _gru_stack(x, gru_units, suffix="", go_backwards=False):
         return_sequences=True,
         go_backwards=go_backwards,
         kernel_initializer="orthogonal",
-        bias_initializer=GateBias(1.0),
         name=f"gru1{suffix}",
     )(x)
-    return keras.layers.GRU(
-        units2,
-        kernel_initializer="orthogonal",
-        bias_initializer=GateBias(1.0),
-        name=f"gru2{suffix}",
-    )(x)
+    return keras.layers.GRU(units2, kernel_initializer="orthogonal", name=f"gru2{suffix}")(x)
 
 
 def _head(x, num_classes, dense_units, dropout_rate):
@@ -196,8 +160,7 @@ def build_rnn(
     """Builds a two-layer GRU that reads the image one row per time step.
 
     Layers: ``rows`` -> ``gru1`` -> ``gru2`` (last state) -> ``dense1`` -> ``dropout`` ->
-    ``logits``. Both GRUs use orthogonal kernels and, like TF1's ``GRUCell``, gate biases that
-    start at 1 (:class:`GateBias`).
+    ``logits``. Both GRUs use orthogonal kernels.
 
     Unlike the tutorial, which computed dropout and then fed the pre-dropout tensor to the output
     layer, dropout here really sits between ``dense1`` and ``logits``.

@@ -169,18 +169,6 @@ def test_dropout_feeds_the_logits(name, mnist):
     assert not np.allclose(model(x, training=True), model(x, training=True))
 
 
-@pytest.mark.parametrize("name", ["rnn", "birnn", "cnn_rnn"])
-def test_gru_gates_start_open_like_tf1_grucell(name):
-    # TF1's GRUCell (the tutorial's) starts update and reset gate biases at 1, the candidate at 0.
-    for layer in build_model(name).layers:
-        if isinstance(layer, keras.layers.GRU):
-            bias = layer.cell.bias.numpy()  # [input row, recurrent row] x [z | r | h]
-            units = layer.units
-            np.testing.assert_array_equal(bias[0, : 2 * units], 1.0)
-            np.testing.assert_array_equal(bias[0, 2 * units :], 0.0)
-            np.testing.assert_array_equal(bias[1], 0.0)
-
-
 def test_birnn_backward_stack_reads_rows_bottom_up(mnist):
     units = (4, 5)
     model = build_model("birnn", gru_units=units, dense_units=8)
