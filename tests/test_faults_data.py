@@ -707,12 +707,13 @@ def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    if proc.returncode == 0:
-        pytest.skip("prepare finished before the kill landed")  # Only possible on a fast box.
-    assert proc.returncode == -signal.SIGKILL
-    assert not (data_dir / "dataset_spec.json").exists()
-    with pytest.raises(DataError, match="no dataset_spec.json"):
-        load_spec(data_dir)
+    # The kill may land after the spec was written (the process was still exiting): output
+    # that looks complete must then be complete. Otherwise nothing may pass for complete.
+    if (data_dir / "dataset_spec.json").exists():
+        assert check_shards(data_dir, parse=False) == {"train": 55000, "test": 10000}
+    else:
+        with pytest.raises(DataError, match="no dataset_spec.json"):
+            load_spec(data_dir)
     # Every shard under a final name is complete: 500 records that the reader's decoding takes.
     for shard in final_shards(data_dir):
         batches = list(tf.data.TFRecordDataset(str(shard)).batch(1000))
