@@ -332,3 +332,36 @@ def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
     )
     assert estimator_bridge.train(warm)["global_step"] == 1
     np.testing.assert_allclose(_estimator_probabilities(warm, images), expected, atol=1e-4)
+
+
+def test_summaries_reach_tensorboard(trained_cnn):
+    config, _ = trained_cnn
+    tags = set()
+    for path in tf.io.gfile.glob(os.path.join(config.model_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    expected = {"loss", "train_accuracy", "learning_rate", "conv1_feature_maps/image"}
+    assert expected <= tags, tags
+    assert any(tag.startswith("input_images/image/") for tag in tags)
+
+
+def test_train_and_evaluate_exports_the_best_checkpoint(mnist_data_dir, tmp_path):
+    config = estimator_bridge.Config(
+        model="cnn",
+        data_dir=mnist_data_dir,
+        model_dir=str(tmp_path / "model"),
+        batch_size=64,
+        train_steps=40,
+        save_checkpoints_steps=20,
+        eval_limit=300,
+        eval_throttle_secs=0,
+        seed=2,
+        progress=False,
+    )
+    result = estimator_bridge.train_and_evaluate(config)
+    assert result["global_step"] == 40 and result["split"] == "test"
+    assert 0.3 < result["accuracy"] <= 1
+    versions = os.listdir(result["best_export_dir"])
+    assert versions and all(v.isdigit() for v in versions)
+    for version in versions:
+        assert os.path.exists(os.path.join(result["best_export_dir"], version, "saved_model.pb"))
