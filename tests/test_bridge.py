@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from cli_helpers import run_main
 
 import data_pipeline
 import estimator_bridge
@@ -191,21 +192,9 @@ def test_rerun_resumes_and_stops_at_target(trained_cnn, tmp_path):
     assert steps[-1] == 70 and 60 in steps
 
 
-def _cli(*args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, "main.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
-
-
 def test_cli_evaluate_prints_json_for_both_splits(trained_cnn):
     config, _ = trained_cnn
-    run = _cli(
+    run = run_main(
         "--mode=evaluate",
         "--model=cnn",
         f"--data_dir={config.data_dir}",

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
+from cli_helpers import MAIN, REPO, assert_cli_error, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -48,8 +49,6 @@ from data_pipeline import (
 )
 from data_pipeline.spec import MNIST_FEATURES, ExampleEncoder, FeatureSpec
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAIN = os.path.join(REPO, "main.py")
 FUZZ = settings(
     max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None
 )
@@ -107,27 +106,6 @@ def only_data_error(call, *names):
         assert_data_error(error, *names)
         return error
     return None
-
-
-def cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, MAIN, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-
-
-def assert_cli_error(run, *needles):
-    assert run.returncode == 2, (run.returncode, run.stderr[-3000:])
-    assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr[-3000:]
-    assert lines[0].startswith("error: ") and len(lines[0]) > len("error: ")
-    for needle in needles:
-        assert str(needle) in lines[0], lines[0]
 
 
 def edit_spec(data_dir, change):
@@ -557,7 +535,7 @@ def test_cli_prepare_bad_source(tmp_path, case):
         arrays[2] = small_arrays(size=32)[2]
     source = write_idx_folder(tmp_path / "src", arrays, make_raw(arrays) if make_raw else None)
     out = tmp_path / "out"
-    run = cli("--mode=prepare", f"--data_dir={out}", f"--source_dir={source}")
+    run = run_main("--mode=prepare", f"--data_dir={out}", f"--source_dir={source}")
     assert_cli_error(run, stem, problem)
     assert not (out / "dataset_spec.json").exists()
 
@@ -651,7 +629,7 @@ def test_cli_evaluate_bad_shards(small_data_dir, trained_model_dir, damage):
     with pytest.raises(DataError) as info:
         check_shards(small_data_dir, "test")
     assert_data_error(info.value, bad_file)
-    run = cli(
+    run = run_main(
         "--mode=evaluate",
         "--model=cnn",
         f"--data_dir={small_data_dir}",
@@ -719,7 +697,7 @@ def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
         batches = list(tf.data.TFRecordDataset(str(shard)).batch(1000))
         assert len(batches) == 1 and batches[0].shape == (500,), shard
         data_pipeline.parse_serialized(batches[0])
-    run = cli(*args)
+    run = run_main(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not any(p.name.startswith(".tmp-") for p in data_dir.iterdir())
     assert check_shards(data_dir, parse=False) == {"train": 55000, "test": 10000}
@@ -802,7 +780,7 @@ def assert_no_partial_export(export_dir, keras_path):
 
 
 def rerun_export(args, export_dir, keras_path, before):
-    run = cli(*args)
+    run = run_main(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     versions = assert_no_partial_export(export_dir, keras_path)
