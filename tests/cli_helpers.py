@@ -20,6 +20,17 @@ def run_main(*args, timeout=300):
     )
 
 
+def start_main(*args):
+    """Starts ``python main.py ARGS`` in the background, output discarded; returns the Popen."""
+    return subprocess.Popen(
+        [sys.executable, MAIN, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def assert_cli_error(run, *needles):
     """Checks a user error: exit 2, one ``error: ...`` line holding every needle, no traceback."""
     assert run.returncode == 2, (run.returncode, run.stderr[-3000:])

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import MAIN, REPO, assert_cli_error, run_main
+from cli_helpers import MAIN, REPO, assert_cli_error, run_main, start_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -668,13 +668,7 @@ def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
         f"--source_dir={mnist_dir}",
         "--records_per_shard=500",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, MAIN, *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_main(*args)
     try:
         if moment == "first-final-shard":
             started = poll(lambda: data_dir.is_dir() and final_shards(data_dir), proc)
@@ -833,13 +827,7 @@ def test_sigkill_during_export_at_random_moments(tmp_path, mnist_data_dir, train
     ]
     outcomes = []
     for trigger in triggers:
-        proc = subprocess.Popen(
-            [sys.executable, MAIN, *args],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": REPO},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_main(*args)
         try:
             if callable(trigger):
                 poll(trigger, proc)
