@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -257,7 +257,33 @@ def _build_model(params: Mapping[str, Any]) -> keras.Model:
     if isinstance(builder, str):
         builder = keras_models.get_builder(builder)
     with precision_policy(params.get("precision", "float32")):
-        return builder(**params.get("model_params", {}))
+        model = builder(**params.get("model_params", {}))
+    _use_fused_recurrent_kernels(model)
+    return model
+
+
+def _use_fused_recurrent_kernels(model: keras.Model) -> None:
+    """Gives Keras GRU/LSTM layers the fused loop they get in ``fit``, in the Estimator graph.
+
+    Keras decides at layer construction whether a GRU/LSTM may run its fused implementation
+    (``standard_gru``: the input projection for all timesteps in one matmul, then a tight
+    ``while`` loop; cuDNN on GPU). The check includes "executing eagerly outside functions",
+    which is false in an Estimator's TF1 graph, so there the layers fall back to the generic
+    per-step cell loop: the same maths, measured 10-25 % slower on the recurrent networks. The
+    remaining conditions are the layer's own; this re-evaluates them without the eager one.
+    """
+    for layer in model.submodules:
+        if not isinstance(layer, (keras.layers.GRU, keras.layers.LSTM)):
+            continue
+        cell = layer.cell
+        layer._could_use_gpu_kernel = (  # private: see the docstring
+            cell.activation in (keras.activations.tanh, tf.tanh)
+            and cell.recurrent_activation in (keras.activations.sigmoid, tf.sigmoid)
+            and cell.recurrent_dropout == 0
+            and not layer.unroll
+            and cell.use_bias
+            and getattr(cell, "reset_after", True)
+        )
 
 
 @contextlib.contextmanager
@@ -490,8 +516,13 @@ def _first_line(error: BaseException) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def train(config: Config) -> Dict[str, Any]:
+def train(config: Config, hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> Dict[str, Any]:
     """Trains to :func:`target_step`, resuming from the last checkpoint in ``model_dir``.
+
+    Args:
+        config: The run's settings.
+        hooks: Extra ``SessionRunHook``s (e.g. a profiler or a timer), run after the built-in
+            progress and signal hooks.
 
     Returns:
         ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
@@ -518,7 +549,7 @@ def train(config: Config) -> Dict[str, Any]:
     try:
         with data_pipeline.translate_errors(config.data_dir):
             estimator.train(
-                _input_fn(config, "train", True), max_steps=target, hooks=[hook, stopper]
+                _input_fn(config, "train", True), max_steps=target, hooks=[hook, stopper, *hooks]
             )
     except tf.compat.v1.train.NanLossDuringTrainingError:
         raise TrainingError(

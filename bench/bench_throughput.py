@@ -5,13 +5,18 @@ same number of steps, in one process, in alternating rounds whose contender orde
 slow drift of the machine hits all of them alike):
 
 * ``bridge``: ``estimator_bridge.train`` with a fresh model_dir (the project's generic model_fn
-  over the project's tf.data pipeline); examples/s is the value ``train()`` returns, measured by
-  its ProgressHook over every step after the first;
+  over the project's tf.data pipeline), timed by a ``StepTimerHook`` passed to ``train()``;
 * ``tutorial``: the tutorial's model_fn on its float-list records (``tutorial_baseline``), timed
-  by a hook over every step after the first, always float32;
+  by the same hook, always float32;
 * ``fit``: ``keras_models.build_model`` compiled with Adam 1e-3 and trained by ``model.fit`` on
-  ``data_pipeline.make_dataset`` (the bridge's pipeline), timed by a callback over every batch
-  after the first.
+  ``data_pipeline.make_dataset`` (the bridge's pipeline), timed by the matching callback.
+
+All three exclude the same first ``--warmup_steps`` steps: steady-state throughput is what a
+training run of thousands of steps sees. The one-off cost before it (graph building, session or
+function set-up, and in an Estimator a second step that is slow because its fetches differ from
+the first's, which fetched the step-0 summaries: TensorFlow prunes and optimises the graph anew
+for each new fetch set, about 1 s for the GRU graphs) is reported separately as ``startup``:
+seconds from the call until the clock starts.
 
 Checkpoints are saved only at step 0 and at the end, both outside the timed window; summaries
 follow the Estimator default (every 100 steps) for both Estimator contenders. Prints one line
@@ -26,6 +31,7 @@ Quick check::
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
@@ -49,15 +55,13 @@ import estimator_bridge  # noqa: E402
 import keras_models  # noqa: E402
 
 CONTENDERS = ("bridge", "tutorial", "fit")
-# Both Estimator contenders and fit exclude exactly the first step (graph/function warm-up and
-# the first input batch): the bridge's ProgressHook does so, the other two are set to match.
-WARMUP_STEPS = 1
 NO_CHECKPOINTS = 10**9  # save_checkpoints_steps: only the step-0 and final saves happen
 FLAG_ORDER = (
     "models",
     "batch_sizes",
     "steps",
     "rounds",
+    "warmup_steps",
     "precision",
     "contenders",
     "work_dir",
@@ -78,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_sizes", type=benchlib.int_list, default=[128, 512])
     parser.add_argument("--steps", type=int, default=100, help="Training steps per run.")
     parser.add_argument("--rounds", type=int, default=3, help="Rounds; the median is reported.")
+    parser.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=10,
+        help="Steps excluded from the timing at the start of every run (all contenders).",
+    )
     parser.add_argument(
         "--precision",
         default="float32",
@@ -109,8 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.contenders) - set(CONTENDERS))
     if unknown or not args.contenders:
         parser.error(f"bad --contenders {args.contenders}; choose from {list(CONTENDERS)}")
-    if args.steps <= WARMUP_STEPS:
-        parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up step(s)")
+    if args.warmup_steps < 1 or args.steps <= args.warmup_steps:
+        parser.error("--warmup_steps must be at least 1 and less than --steps")
     if args.rounds < 1 or any(b < 1 for b in args.batch_sizes):
         parser.error("--rounds and --batch_sizes must be positive")
     args.work_dir = os.path.abspath(args.work_dir)
@@ -135,8 +145,9 @@ def run_bridge(args, data_dir: str, model: str, batch: int, model_dir: str) -> D
         keep_checkpoint_max=1,
         log_every_n_steps=NO_CHECKPOINTS,
     )
-    result = estimator_bridge.train(config)
-    return {"examples_per_sec": float(result["examples_per_sec"]), "seconds": result["seconds"]}
+    timer = benchlib.StepTimerHook(batch, args.warmup_steps)
+    estimator_bridge.train(config, hooks=[timer])
+    return _timed(timer)
 
 
 def run_tutorial(args, record_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
@@ -146,10 +157,10 @@ def run_tutorial(args, record_dir: str, model: str, batch: int, model_dir: str) 
         model_dir,
         batch_size=batch,
         steps=args.steps,
-        warmup_steps=WARMUP_STEPS,
+        warmup_steps=args.warmup_steps,
         save_checkpoints_steps=NO_CHECKPOINTS,
     )
-    return {"examples_per_sec": result["examples_per_sec"], "seconds": result["seconds"]}
+    return {key: result[key] for key in ("examples_per_sec", "seconds", "clock_start")}
 
 
 def run_fit(args, data_dir: str, model: str, batch: int) -> Dict[str, Any]:
@@ -161,30 +172,60 @@ def run_fit(args, data_dir: str, model: str, batch: int) -> Dict[str, Any]:
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     dataset = data_pipeline.make_dataset(data_dir, "train", batch, num_epochs=None, shuffle=True)
-    timer = benchlib.KerasStepTimer(batch, WARMUP_STEPS)
+    timer = benchlib.KerasStepTimer(batch, args.warmup_steps)
     with data_pipeline.translate_errors():
         network.fit(dataset, epochs=1, steps_per_epoch=args.steps, verbose=0, callbacks=[timer])
-    return {"examples_per_sec": timer.examples_per_sec, "seconds": timer.seconds}
+    return _timed(timer)
 
 
-def make_runner(args, data_dir: str, record_dir: str) -> Callable[[str, str, int], Dict]:
-    """Returns ``run(contender, model, batch)`` -> result dict (or ``{"error": ...}``)."""
+def _timed(timer) -> Dict[str, Any]:
+    return {
+        "examples_per_sec": float(timer.examples_per_sec),
+        "seconds": timer.seconds,
+        "clock_start": timer.clock_start,
+    }
+
+
+def run_one(
+    args, data_dir: str, record_dir: str, contender: str, model: str, batch: int
+) -> Dict[str, Any]:
+    """One timed run in this process -> result dict (or ``{"error": ...}``)."""
     scratch = os.path.join(args.work_dir, "throughput_runs")
     os.makedirs(scratch, exist_ok=True)
+    model_dir = tempfile.mkdtemp(prefix=f"{contender}-{model}-b{batch}-", dir=scratch)
+    called = time.perf_counter()
+    try:
+        if contender == "bridge":
+            result = run_bridge(args, data_dir, model, batch, model_dir)
+        elif contender == "tutorial":
+            result = run_tutorial(args, record_dir, model, batch, model_dir)
+        else:
+            result = run_fit(args, data_dir, model, batch)
+        clock_start = result.pop("clock_start", None)
+        result["startup_s"] = None if clock_start is None else clock_start - called
+        return result
+    except Exception as error:  # noqa: BLE001 - report, keep the other runs going
+        traceback.print_exc()
+        return {"examples_per_sec": None, "error": f"{type(error).__name__}: {error}"}
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
 
-    def run(contender: str, model: str, batch: int) -> Dict[str, Any]:
-        model_dir = tempfile.mkdtemp(prefix=f"{contender}-{model}-b{batch}-", dir=scratch)
-        try:
-            if contender == "bridge":
-                return run_bridge(args, data_dir, model, batch, model_dir)
-            if contender == "tutorial":
-                return run_tutorial(args, record_dir, model, batch, model_dir)
-            return run_fit(args, data_dir, model, batch)
-        except Exception as error:  # noqa: BLE001 - report, keep the other runs going
-            traceback.print_exc()
-            return {"examples_per_sec": None, "error": f"{type(error).__name__}: {error}"}
-        finally:
-            shutil.rmtree(model_dir, ignore_errors=True)
+
+def make_runner(args, data_dir: str, record_dir: str) -> Callable[..., Dict]:
+    """Returns ``run(contender, model, batch, isolated=True)`` -> result dict.
+
+    ``isolated`` runs each contender in a fresh process (``spawn``), as a user would: in one
+    long-lived process, thread pools and caches left by earlier contenders (Keras's eager
+    runtime next to the Estimator's sessions) skewed later ones by up to 15 %.
+    """
+    context = multiprocessing.get_context("spawn")
+
+    def run(contender: str, model: str, batch: int, isolated: bool = True) -> Dict[str, Any]:
+        job = (args, data_dir, record_dir, contender, model, batch)
+        if not isolated:
+            return run_one(*job)
+        with context.Pool(1) as pool:
+            return pool.apply(run_one, job)
 
     return run
 
@@ -220,6 +261,13 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 value = benchlib.median(rates) if rates else None
                 row[contender] = value
                 row[f"{contender}_rounds"] = rates
+                startups = [
+                    r["startup_s"]
+                    for r in runs
+                    if (r["model"], r["batch_size"], r["contender"]) == (model, batch, contender)
+                    and r.get("startup_s") is not None
+                ]
+                row[f"{contender}_startup_s"] = benchlib.median(startups) if startups else None
                 if len(rates) > 1 and value:
                     spreads.append((max(rates) - min(rates)) / value)
             row["max_spread"] = max(spreads) if spreads else None
@@ -237,6 +285,7 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     if "bridge" in args.contenders:
         headers += [f"bridge/{c}" for c in ("tutorial", "fit") if c in args.contenders]
     headers.append("spread")
+    headers += [f"{c} startup s" for c in args.contenders]
     table = []
     for row in rows:
         cells = [row["model"], row["batch_size"]]
@@ -249,12 +298,17 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
             ]
         spread = row["max_spread"]
         cells.append("-" if spread is None else f"{100 * spread:.0f}%")
+        for contender in args.contenders:
+            startup = row[f"{contender}_startup_s"]
+            cells.append("-" if startup is None else f"{startup:.1f}")
         table.append(cells)
     print()
     print(
         f"median training examples/s over {args.rounds} round(s) of {args.steps} steps "
-        f"(first step excluded); bridge and fit in {args.precision}, tutorial in float32; "
-        "spread = largest (max-min)/median among the contenders"
+        f"(first {args.warmup_steps} excluded); bridge and fit in {args.precision}, "
+        "tutorial in float32; "
+        "spread = largest (max-min)/median among the contenders; startup = seconds from the "
+        "call to the first timed step (build, session/function set-up, warm-up steps)"
     )
     benchlib.print_table(headers, table)
 
@@ -271,7 +325,7 @@ def run_profile(args, run: Callable) -> List[str]:
                     benchlib.log(f"profiler unavailable: {error}")
                     return traces
                 try:
-                    run(contender, model, batch)
+                    run(contender, model, batch, isolated=False)
                 finally:
                     tf.profiler.experimental.stop()
                 traces.append(logdir)
@@ -318,7 +372,7 @@ def main(argv=None) -> int:
                     runs.append(record)
                     status = result.get("error") or (
                         f"{_fmt_rate(result['examples_per_sec'])} examples/s "
-                        f"({result['seconds']:.1f}s timed)"
+                        f"({result['seconds']:.1f}s timed, {result['startup_s']:.1f}s startup)"
                     )
                     print(
                         f"round {round_index + 1}/{args.rounds}  {model:<8} batch {batch:<4} "
@@ -347,7 +401,6 @@ def main(argv=None) -> int:
             "load_average_at_end": end_info["load_average_1_5_15"],
             "settings": {
                 **{k: getattr(args, k) for k in FLAG_ORDER},
-                "warmup_steps_excluded": WARMUP_STEPS,
                 "tutorial_precision": "float32",
             },
             "seconds": round(elapsed, 1),

@@ -225,9 +225,9 @@ def ensure_project_data(work_dir: str, source_dir: Optional[str]) -> str:
 class StepTimerHook(tf.estimator.SessionRunHook):
     """Times Estimator training steps after the first ``warmup_steps``.
 
-    The clock starts when the ``warmup_steps``-th step returns and stops in ``end()``, like the
-    bridge's own ``ProgressHook`` (which excludes one step). Worker hooks end before the
-    chief's ``CheckpointSaverHook``, so the final checkpoint is outside the window.
+    The clock starts when the ``warmup_steps``-th step returns (``clock_start``, a
+    ``time.perf_counter()`` value) and stops in ``end()``. Worker hooks end before the chief's
+    ``CheckpointSaverHook``, so the final checkpoint is outside the window.
     """
 
     def __init__(self, batch_size: int, warmup_steps: int = 1):
@@ -237,28 +237,31 @@ class StepTimerHook(tf.estimator.SessionRunHook):
         self.timed_steps = 0
         self.seconds = 0.0
         self.examples_per_sec = 0.0
-        self._t0 = None
+        self.clock_start = None
 
     def after_create_session(self, session, coord):
         self.steps = 0
-        self._t0 = None
+        self.clock_start = None
 
     def after_run(self, run_context, run_values):
         self.steps += 1
         if self.steps == self.warmup_steps:
-            self._t0 = time.perf_counter()
+            self.clock_start = time.perf_counter()
 
     def end(self, session):
-        if self._t0 is None:
+        if self.clock_start is None:
             return
-        self.seconds = time.perf_counter() - self._t0
+        self.seconds = time.perf_counter() - self.clock_start
         self.timed_steps = self.steps - self.warmup_steps
         if self.timed_steps > 0 and self.seconds > 0:
             self.examples_per_sec = self.timed_steps * self.batch_size / self.seconds
 
 
 class KerasStepTimer(keras.callbacks.Callback):
-    """Times ``model.fit`` batches after the first ``warmup_steps`` (tracing, first batch)."""
+    """Times ``model.fit`` batches after the first ``warmup_steps`` (tracing, first batch).
+
+    ``clock_start`` is the ``time.perf_counter()`` value at which the clock started.
+    """
 
     def __init__(self, batch_size: int, warmup_steps: int = 1):
         super().__init__()
@@ -268,20 +271,20 @@ class KerasStepTimer(keras.callbacks.Callback):
         self.timed_steps = 0
         self.seconds = 0.0
         self.examples_per_sec = 0.0
-        self._t0 = None
+        self.clock_start = None
         self._last = None
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps += 1
         now = time.perf_counter()
         if self.steps == self.warmup_steps:
-            self._t0 = now
+            self.clock_start = now
         self._last = now
 
     def on_train_end(self, logs=None):
-        if self._t0 is None:
+        if self.clock_start is None:
             return
-        self.seconds = self._last - self._t0
+        self.seconds = self._last - self.clock_start
         self.timed_steps = self.steps - self.warmup_steps
         if self.timed_steps > 0 and self.seconds > 0:
             self.examples_per_sec = self.timed_steps * self.batch_size / self.seconds

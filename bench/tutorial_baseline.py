@@ -293,7 +293,8 @@ def train(
     """Trains ``steps`` steps from scratch and times the steps after ``warmup_steps``.
 
     Returns:
-        ``{"examples_per_sec", "seconds", "timed_steps"}``.
+        ``{"examples_per_sec", "seconds", "timed_steps", "clock_start"}`` (``clock_start``: the
+        ``time.perf_counter()`` value at which the timed window began).
     """
     estimator = make_estimator(network, model_dir, save_checkpoints_steps=save_checkpoints_steps)
     timer = benchlib.StepTimerHook(batch_size, warmup_steps)
@@ -306,6 +307,7 @@ def train(
         "examples_per_sec": timer.examples_per_sec,
         "seconds": timer.seconds,
         "timed_steps": timer.timed_steps,
+        "clock_start": timer.clock_start,
     }
 
 
