@@ -269,8 +269,9 @@ def _use_fused_recurrent_kernels(model: keras.Model) -> None:
     (``standard_gru``: the input projection for all timesteps in one matmul, then a tight
     ``while`` loop; cuDNN on GPU). The check includes "executing eagerly outside functions",
     which is false in an Estimator's TF1 graph, so there the layers fall back to the generic
-    per-step cell loop: the same maths, measured 10-25 % slower on the recurrent networks. The
-    remaining conditions are the layer's own; this re-evaluates them without the eager one.
+    per-step cell loop: the same maths, measured about 9 % slower on the rnn (1,765 vs 1,917
+    examples/s at batch 128). The remaining conditions are the layer's own; this re-evaluates
+    them without the eager one.
     """
     for layer in model.submodules:
         if not isinstance(layer, (keras.layers.GRU, keras.layers.LSTM)):

@@ -252,21 +252,16 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             row: Dict[str, Any] = {"model": model, "batch_size": batch}
             spreads = []
             for contender in args.contenders:
-                rates = [
-                    r["examples_per_sec"]
+                case = [
+                    r
                     for r in runs
                     if (r["model"], r["batch_size"], r["contender"]) == (model, batch, contender)
-                    and r.get("examples_per_sec")
                 ]
+                rates = [r["examples_per_sec"] for r in case if r.get("examples_per_sec")]
                 value = benchlib.median(rates) if rates else None
                 row[contender] = value
                 row[f"{contender}_rounds"] = rates
-                startups = [
-                    r["startup_s"]
-                    for r in runs
-                    if (r["model"], r["batch_size"], r["contender"]) == (model, batch, contender)
-                    and r.get("startup_s") is not None
-                ]
+                startups = [r["startup_s"] for r in case if r.get("startup_s") is not None]
                 row[f"{contender}_startup_s"] = benchlib.median(startups) if startups else None
                 if len(rates) > 1 and value:
                     spreads.append((max(rates) - min(rates)) / value)

@@ -305,6 +305,15 @@ def test_export_layout_and_signatures(exported_cnn):
     )
 
 
+def _run_fresh_python(script):
+    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_saved_model_matches_estimator_in_fresh_process(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, labels = real_batch
@@ -327,11 +336,7 @@ np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
          ex=ex["probabilities"].numpy(), scores=cls["scores"].numpy(),
          classes=raw["classes"].numpy())
 """
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_fresh_python(script)
     out = np.load(tmp_path / "out.npz")
     np.testing.assert_allclose(out["raw"], expected, atol=1e-5)
     np.testing.assert_allclose(out["ex"], expected, atol=1e-5)
@@ -362,11 +367,7 @@ m = tf.saved_model.load({path!r})
 out = m.signatures["serving_default"](image=tf.constant(np.load({str(tmp_path / "images.npy")!r})))
 np.save({str(tmp_path / "out.npy")!r}, out["probabilities"].numpy())
 """
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    _run_fresh_python(script)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
 
 
