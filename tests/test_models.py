@@ -78,9 +78,10 @@ EXPECTED_PARAMS = {
 
 EXPECTED_LAYERS = {
     "cnn": ["image", "conv1", "pool1", "conv2", "pool2", "flatten", "dense1", "dropout", "logits"],
-    "rnn": ["image", "rows", "gru1", "gru2", "dense1", "dropout", "logits"],
+    "rnn": ["image", "standardize", "rows", "gru1", "gru2", "dense1", "dropout", "logits"],
     "birnn": [
         "image",
+        "standardize",
         "rows",
         "gru1_fw",
         "gru1_bw",
@@ -91,7 +92,18 @@ EXPECTED_LAYERS = {
         "dropout",
         "logits",
     ],
-    "cnn_rnn": ["image", "rows", "conv1", "pool1", "gru1", "gru2", "dense1", "dropout", "logits"],
+    "cnn_rnn": [
+        "image",
+        "standardize",
+        "rows",
+        "conv1",
+        "pool1",
+        "gru1",
+        "gru2",
+        "dense1",
+        "dropout",
+        "logits",
+    ],
 }
 
 
@@ -113,6 +125,59 @@ def test_shape_dtype_params_and_names(name, mnist):
     logits = model(images[:8], training=False)
     assert logits.shape == (8, 10)
     assert logits.dtype == "float32"
+
+
+# --- the recurrent networks' initialisation and input scaling --------------------------------
+
+
+@pytest.mark.parametrize("layer_name, inputs, units", [("gru1", 28, 128), ("gru2", 128, 256)])
+def test_gru_kernels_are_orthogonal_per_gate(layer_name, inputs, units):
+    layer = build_model("rnn").get_layer(layer_name)
+    kernel, recurrent, _ = layer.get_weights()
+    assert kernel.shape == (inputs, 3 * units) and recurrent.shape == (units, 3 * units)
+    for gate in range(3):
+        block = slice(gate * units, (gate + 1) * units)
+        # Square recurrent blocks are orthogonal; the wider input blocks have orthonormal rows.
+        np.testing.assert_allclose(
+            recurrent[:, block].T @ recurrent[:, block], np.eye(units), atol=1e-5
+        )
+        np.testing.assert_allclose(kernel[:, block] @ kernel[:, block].T, np.eye(inputs), atol=1e-5)
+    # Keras's "orthogonal" over the whole [units, 3 * units] matrix would give each block
+    # squared singular values of about 1/3; the gates must differ from one another.
+    assert not np.allclose(recurrent[:, :units], recurrent[:, units : 2 * units])
+
+
+def test_whole_matrix_orthogonal_option_is_keras_orthogonal():
+    recurrent = build_model("rnn", gru_initializer="orthogonal").get_layer("gru1").get_weights()[1]
+    # One orthogonal [128, 384] matrix: orthonormal rows, so each square gate block is not.
+    np.testing.assert_allclose(recurrent @ recurrent.T, np.eye(128), atol=1e-5)
+    gate = recurrent[:, :128]
+    assert np.trace(gate.T @ gate) / 128 == pytest.approx(1 / 3, abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["rnn", "birnn", "cnn_rnn"])
+def test_standardize_can_be_switched_off(name, mnist):
+    model = build_model(name, standardize=False)
+    assert [layer.name for layer in model.layers] == [
+        n for n in EXPECTED_LAYERS[name] if n != "standardize"
+    ]
+    assert model.count_params() == EXPECTED_PARAMS[name]
+    assert model(mnist[0][:2]).shape == (2, 10)
+
+
+def test_gate_orthogonal_config_seed_and_bad_shape():
+    init = keras_models.networks.GateOrthogonal(gates=4, seed=7)
+    clone = keras.initializers.deserialize(keras.initializers.serialize(init))
+    assert clone.get_config() == {"gates": 4, "seed": 7}
+    np.testing.assert_array_equal(init((16, 32)), clone((16, 32)))  # same seed, same matrix
+    with pytest.raises(ValueError, match="do not split into 4"):
+        init((16, 30))
+
+
+def test_standardize_gives_training_pixels_zero_mean_unit_std(mnist_source):
+    pixels = mnist_source.splits["train"][0].astype(np.float32)[..., None] / 255.0
+    out = build_model("rnn").get_layer("standardize")(pixels).numpy()
+    assert abs(out.mean()) < 1e-3 and abs(out.std() - 1) < 1e-3
 
 
 # --- plain Keras training, saving and dropout ---------------------------------------------------
@@ -176,7 +241,7 @@ def test_birnn_backward_stack_reads_rows_bottom_up(mnist):
 
     # A plain forward stack with the backward stack's weights, fed the rows upside down.
     image = keras.Input((28, 28, 1))
-    x = keras.layers.Reshape((28, 28))(image)
+    x = keras.layers.Reshape((28, 28))(model.get_layer("standardize")(image))
     gru1 = keras.layers.GRU(units[0], return_sequences=True)
     gru2 = keras.layers.GRU(units[1])
     reference = keras.Model(image, gru2(gru1(x)))
@@ -250,6 +315,8 @@ def test_unknown_hparam_is_a_type_error():
         ("rnn", {"gru_units": (128, 0)}, "gru_units"),
         ("birnn", {"gru_units": (128,)}, "gru_units"),
         ("cnn_rnn", {"gru_units": (128, 256.0)}, "gru_units"),
+        ("rnn", {"standardize": 1}, "standardize"),
+        ("birnn", {"gru_initializer": "glorot_uniform"}, "gru_initializer"),
     ],
 )
 def test_invalid_hparams_raise(name, hparams, argument):
