@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import statistics
@@ -68,6 +69,7 @@ FLAG_ORDER = (
     "epochs_scale",
     "seeds",
     "dropout_rate",
+    "model_params",
     "tolerance",
     "work_dir",
     "source_dir",
@@ -100,6 +102,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "tutorial's recurrent notebooks fed the pre-dropout tensor to the logits, i.e. 0.",
     )
     parser.add_argument(
+        "--model_params",
+        type=_json_object,
+        default={},
+        help='Extra builder keyword arguments as a JSON object, e.g. \'{"standardize": false, '
+        '"gru_initializer": "orthogonal"}\' for the recurrent networks as first built.',
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=0.0,
@@ -124,6 +133,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _json_object(text: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object such as '{\"standardize\": false}'")
+    return value
+
+
 def make_config(
     args, model: str, seed: int, data_dir: str, model_dir: str
 ) -> estimator_bridge.Config:
@@ -132,6 +151,7 @@ def make_config(
     if args.dropout_rate is not None:
         recipe["dropout_rate"] = args.dropout_rate
     return estimator_bridge.Config(
+        model_params=dict(args.model_params),
         model=model,
         data_dir=data_dir,
         model_dir=model_dir,
@@ -148,7 +168,8 @@ def make_config(
 
 def run_one(args, model: str, seed: int, data_dir: str) -> Dict[str, Any]:
     dropout = "" if args.dropout_rate is None else f"-dropout{args.dropout_rate:g}"
-    run_name = f"{args.recipe}-{args.precision}{dropout}-seed{seed}-x{args.epochs_scale:g}"
+    params = "".join(f"-{key}={value}" for key, value in sorted(args.model_params.items()))
+    run_name = f"{args.recipe}-{args.precision}{dropout}{params}-seed{seed}-x{args.epochs_scale:g}"
     model_dir = os.path.join(args.work_dir, "accuracy", run_name, model)
     shutil.rmtree(model_dir, ignore_errors=True)  # always from scratch
     config = make_config(args, model, seed, data_dir, model_dir)
@@ -190,6 +211,7 @@ def main(argv=None) -> int:
         )
         + f"; precision {args.precision}; seeds {args.seeds}"
         + ("" if args.dropout_rate is None else f"; dropout_rate {args.dropout_rate:g}")
+        + (f"; model_params {args.model_params}" if args.model_params else "")
     )
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)
     results: List[Dict[str, Any]] = []

@@ -132,19 +132,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def run_bridge(args, data_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
-    config = estimator_bridge.Config(
+def bridge_config(
+    data_dir: str, model_dir: str, model: str, batch: int, steps: int, **overrides
+) -> estimator_bridge.Config:
+    """The bridge contender's Config: no checkpoint or progress line inside the timed window."""
+    return estimator_bridge.Config(
         model=model,
         data_dir=data_dir,
         model_dir=model_dir,
         batch_size=batch,
-        train_steps=args.steps,
-        precision=args.precision,
+        train_steps=steps,
         progress=False,
         save_checkpoints_steps=NO_CHECKPOINTS,
         keep_checkpoint_max=1,
         log_every_n_steps=NO_CHECKPOINTS,
+        **overrides,
     )
+
+
+def run_bridge(args, data_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
+    config = bridge_config(data_dir, model_dir, model, batch, args.steps, precision=args.precision)
     timer = benchlib.StepTimerHook(batch, args.warmup_steps)
     estimator_bridge.train(config, hooks=[timer])
     return _timed(timer)
@@ -235,16 +242,6 @@ def make_runner(args, data_dir: str, record_dir: str) -> Callable[..., Dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_rate(value) -> str:
-    return "-" if value is None or value != value else f"{value:,.0f}"
-
-
-def _fmt_ratio(a, b) -> str:
-    if a is None or b is None or a != a or b != b or not b:
-        return "-"
-    return f"{a / b:.2f}x"
-
-
 def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows = []
     for model in args.models:
@@ -284,10 +281,10 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     table = []
     for row in rows:
         cells = [row["model"], row["batch_size"]]
-        cells += [_fmt_rate(row[c]) for c in args.contenders]
+        cells += [benchlib.fmt_rate(row[c]) for c in args.contenders]
         if "bridge" in args.contenders:
             cells += [
-                _fmt_ratio(row["bridge"], row[c])
+                benchlib.fmt_ratio(row["bridge"], row[c])
                 for c in ("tutorial", "fit")
                 if c in args.contenders
             ]
@@ -366,7 +363,7 @@ def main(argv=None) -> int:
                     }
                     runs.append(record)
                     status = result.get("error") or (
-                        f"{_fmt_rate(result['examples_per_sec'])} examples/s "
+                        f"{benchlib.fmt_rate(result['examples_per_sec'])} examples/s "
                         f"({result['seconds']:.1f}s timed, {result['startup_s']:.1f}s startup)"
                     )
                     print(

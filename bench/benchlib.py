@@ -60,18 +60,21 @@ def command_line(script: str, args: Any, order: Sequence[str]) -> str:
 
     Returns:
         ``cd <repo> && .venv/bin/python bench/<script> --flag=value ...``; flags whose value is
-        None or False are left out, True booleans are printed bare, lists comma-joined.
+        None, False or empty are left out, True booleans are printed bare, lists comma-joined,
+        dicts as JSON.
     """
     parts = [os.path.relpath(sys.executable, REPO), os.path.relpath(os.path.abspath(script), REPO)]
     for name in order:
         value = getattr(args, name)
-        if value is None or value is False:
+        if value is None or value is False or value == {}:
             continue
         if value is True:
             parts.append(f"--{name}")
             continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
+        elif isinstance(value, dict):
+            value = json.dumps(value, sort_keys=True)
         parts.append(f"--{name}={value}")
     return f"cd {shlex.quote(REPO)} && " + " ".join(shlex.quote(p) for p in parts)
 
@@ -177,6 +180,18 @@ def write_json(path: Optional[str], payload: Mapping[str, Any]) -> None:
         handle.write("\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def fmt_rate(value) -> str:
+    """A rate with thousands separators, ``-`` when missing or NaN."""
+    return "-" if value is None or value != value else f"{value:,.0f}"
+
+
+def fmt_ratio(a, b) -> str:
+    """``a / b`` as ``1.23x``, ``-`` when either is missing, NaN or ``b`` is 0."""
+    if a is None or b is None or a != a or b != b or not b:
+        return "-"
+    return f"{a / b:.2f}x"
 
 
 def median(values: Sequence[float]) -> float:
