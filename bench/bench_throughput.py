@@ -378,30 +378,17 @@ def main(argv=None) -> int:
     traces = run_profile(args, run) if args.profile else []
     if traces:
         print(f"profiles: {len(traces)} traces; view with: tensorboard --logdir={args.profile}")
-    end_info = benchlib.machine_info()
-    print(f"total {elapsed:.0f}s; load average at the end {end_info['load_average_1_5_15']}")
-    print(f"command: {command}")
-    errors = [r for r in runs if r.get("error")]
-    if errors:
-        print(f"{len(errors)} run(s) failed; see the lines above")
-    benchlib.write_json(
+    return benchlib.finish_runs(
+        "throughput",
+        command,
+        info,
+        elapsed,
+        runs,
         args.json_out,
-        {
-            "benchmark": "throughput",
-            "command": command,
-            "machine": info,
-            "load_average_at_end": end_info["load_average_1_5_15"],
-            "settings": {
-                **{k: getattr(args, k) for k in FLAG_ORDER},
-                "tutorial_precision": "float32",
-            },
-            "seconds": round(elapsed, 1),
-            "summary": rows,
-            "runs": runs,
-            "profiles": traces,
-        },
+        settings={**{k: getattr(args, k) for k in FLAG_ORDER}, "tutorial_precision": "float32"},
+        summary=rows,
+        profiles=traces,
     )
-    return 1 if errors else 0
 
 
 def _project_record_bytes(data_dir: str) -> float:

@@ -182,6 +182,50 @@ def write_json(path: Optional[str], payload: Mapping[str, Any]) -> None:
     print(f"wrote {path}")
 
 
+def finish_runs(
+    benchmark: str,
+    command: str,
+    info: Mapping[str, Any],
+    elapsed: float,
+    runs: Sequence[Mapping[str, Any]],
+    json_out: Optional[str],
+    **payload: Any,
+) -> int:
+    """Prints the footer of a multi-run benchmark, writes its JSON and returns the exit code.
+
+    Args:
+        benchmark: Name stored in the JSON.
+        command: The reproducing command line.
+        info: ``machine_info()`` from the start of the benchmark.
+        elapsed: Seconds the runs took.
+        runs: One record per run, stored last; a record with an ``error`` key counts as failed.
+        json_out: Where to write the JSON (None: nowhere).
+        **payload: Further JSON fields (settings, summary, ...), after the common ones.
+
+    Returns:
+        1 if any run failed, else 0.
+    """
+    load_at_end = machine_info()["load_average_1_5_15"]
+    print(f"total {elapsed:.0f}s; load average at the end {load_at_end}")
+    print(f"command: {command}")
+    errors = [r for r in runs if r.get("error")]
+    if errors:
+        print(f"{len(errors)} run(s) failed; see the lines above")
+    write_json(
+        json_out,
+        {
+            "benchmark": benchmark,
+            "command": command,
+            "machine": info,
+            "load_average_at_end": load_at_end,
+            "seconds": round(elapsed, 1),
+            **payload,
+            "runs": list(runs),
+        },
+    )
+    return 1 if errors else 0
+
+
 def fmt_rate(value) -> str:
     """A rate with thousands separators, ``-`` when missing or NaN."""
     return "-" if value is None or value != value else f"{value:,.0f}"

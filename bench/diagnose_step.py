@@ -544,28 +544,18 @@ def main(argv=None) -> int:
             print_op_profile(name, profiles[name], args.warmup_steps + 1)
         else:
             print(f"op profile, {name}: no trace ({result.get('error', 'empty step stats')})")
-    end_info = benchlib.machine_info()
-    print(f"total {elapsed:.0f}s; load average at the end {end_info['load_average_1_5_15']}")
-    print(f"command: {command}")
-    errors = [r for r in runs if r.get("error")]
-    if errors:
-        print(f"{len(errors)} run(s) failed; see the lines above")
-    benchlib.write_json(
+    return benchlib.finish_runs(
+        "diagnose_step",
+        command,
+        info,
+        elapsed,
+        runs,
         args.json_out,
-        {
-            "benchmark": "diagnose_step",
-            "command": command,
-            "machine": info,
-            "load_average_at_end": end_info["load_average_1_5_15"],
-            "settings": {k: getattr(args, k) for k in FLAG_ORDER},
-            "seconds": round(elapsed, 1),
-            "skipped": skipped,
-            "summary": rows,
-            "runs": runs,
-            "op_profiles": profiles,
-        },
+        settings={k: getattr(args, k) for k in FLAG_ORDER},
+        skipped=skipped,
+        summary=rows,
+        op_profiles=profiles,
     )
-    return 1 if errors else 0
 
 
 if __name__ == "__main__":
