@@ -268,7 +268,10 @@ def ensure_project_data(work_dir: str, source_dir: Optional[str]) -> str:
 
     data_dir = os.path.join(work_dir, "data")
     started = time.perf_counter()
-    spec = data_pipeline.prepare(data_dir, source_dir=source_dir, progress=False)
+    try:
+        spec = data_pipeline.prepare(data_dir, source_dir=source_dir, progress=False)
+    except data_pipeline.DataError as error:  # one line, as the project's CLI prints it
+        raise SystemExit(f"error: {error}") from None
     log(
         f"project data: {data_dir} (train {spec.num_records('train')}, test "
         f"{spec.num_records('test')} records; {time.perf_counter() - started:.1f}s)"

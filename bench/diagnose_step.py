@@ -13,6 +13,10 @@ bridge contender (the first ``--warmup_steps`` steps excluded, no checkpoint ins
 * ``onednn_off``: ``TF_ENABLE_ONEDNN_OPTS=0``;
 * ``generic_gru``: ``estimator_bridge._use_fused_recurrent_kernels`` patched out, so the Keras
   GRUs run their generic per-step cell (networks with recurrent layers only);
+* ``dynamic_batch``: the training pipeline built with ``drop_remainder=False``, so the batch
+  dimension is unknown to the graph (as the bridge had it before);
+* ``tfdata_1thread``: the training pipeline on a private tf.data pool of one thread;
+* ``tfdata_no_autotune``: the training pipeline with tf.data's autotuning off;
 * ``estimator_floor``: an Estimator over one scalar variable on the same input pipeline, batch,
   RunConfig and hooks: the per-step cost of the Estimator machinery plus the input alone.
 
@@ -112,6 +116,9 @@ VARIANTS: Dict[str, Variant] = {
             "GRUs run the generic per-step cell (fused-kernel fix patched out)",
             recurrent_only=True,
         ),
+        Variant("dynamic_batch", "training batches without a static batch dimension"),
+        Variant("tfdata_1thread", "tf.data on a private pool of one thread"),
+        Variant("tfdata_no_autotune", "tf.data autotuning off (fixed parallelism and buffers)"),
         Variant(
             "estimator_floor",
             "one-variable model_fn, same input, RunConfig and hooks",
@@ -311,6 +318,33 @@ def _train_generic_gru(config, hooks, batch) -> None:
         estimator_bridge.train(config, hooks=hooks)
 
 
+def _train_patched_input(overrides: Mapping[str, Any] = (), options=None):
+    """A trainer whose training pipeline gets ``make_dataset`` kwargs and/or tf.data options."""
+    real = data_pipeline.reader.make_dataset
+
+    def patched(*args, **kwargs):
+        dataset = real(*args, **{**kwargs, **dict(overrides)})
+        return dataset.with_options(options) if options is not None else dataset
+
+    def trainer(config, hooks, batch) -> None:
+        with mock.patch.object(data_pipeline.reader, "make_dataset", patched):
+            estimator_bridge.train(config, hooks=hooks)
+
+    return trainer
+
+
+def _one_thread() -> tf.data.Options:
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = 1
+    return options
+
+
+def _no_autotune() -> tf.data.Options:
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 def _floor_model_fn(features, labels, mode, params):
     """One scalar variable; the loss reads the images so that every step consumes a batch."""
     del labels, params  # the iterator yields the labels all the same
@@ -335,6 +369,10 @@ TRAINERS = {
     "const_input": _train_const_input,
     "generic_gru": _train_generic_gru,
     "estimator_floor": _train_floor,
+    # The bridge's batches are all full either way; this only hides the static batch dimension.
+    "dynamic_batch": _train_patched_input({"drop_remainder": False}),
+    "tfdata_1thread": _train_patched_input(options=_one_thread()),
+    "tfdata_no_autotune": _train_patched_input(options=_no_autotune()),
 }
 
 

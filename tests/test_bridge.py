@@ -212,6 +212,23 @@ def test_train_reaches_target_step_and_learns(trained_cnn):
     assert np.trace(matrix) / 500 == pytest.approx(metrics["accuracy"], abs=1e-6)
 
 
+def test_training_batches_are_full_and_static_evaluation_keeps_every_example(cnn_config):
+    train = estimator_bridge._input_fn(cnn_config, "train", training=True)()
+    features, labels = train.element_spec
+    assert features["image"].shape.as_list() == [64, 28, 28, 1] and labels.shape == [64]
+    # Fewer records than one batch: they repeat before batching, so full batches still come.
+    tiny = dataclasses.replace(cnn_config, train_limit=10)
+    _, labels = next(iter(estimator_bridge._input_fn(tiny, "train", training=True)()))
+    _, first_ten = next(iter(data_pipeline.make_dataset(tiny.data_dir, "train", 10, limit=10)))
+    assert labels.shape == [64] and set(labels.numpy()) <= set(first_ten.numpy())
+    # Evaluation keeps its short last batch: every one of the eval_limit examples is seen.
+    evaluation = estimator_bridge._input_fn(
+        dataclasses.replace(cnn_config, eval_batch_size=300), "test", training=False
+    )()
+    assert evaluation.element_spec[1].shape.as_list() == [None]
+    assert [len(labels) for _, labels in evaluation] == [300, 200]
+
+
 def test_rerun_resumes_and_stops_at_target(trained_cnn, tmp_path):
     config, _ = trained_cnn
     # Same target: nothing to do.
