@@ -263,6 +263,7 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 if len(rates) > 1 and value:
                     spreads.append((max(rates) - min(rates)) / value)
             row["max_spread"] = max(spreads) if spreads else None
+            row["bridge_over_faster_peer_by_round"] = _paired_ratios(runs, model, batch)
             bridge = row.get("bridge")
             for other in ("tutorial", "fit"):
                 theirs = row.get(other)
@@ -271,12 +272,28 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
+def _paired_ratios(runs: List[Dict[str, Any]], model: str, batch: int) -> List[float]:
+    """Per round, bridge over the faster peer of the same round (rounds where all three ran).
+
+    Stricter than the ratio of medians: the faster of two noisy peers is itself biased upwards.
+    """
+    by_round: Dict[int, Dict[str, float]] = {}
+    for r in runs:
+        if (r["model"], r["batch_size"]) == (model, batch) and r.get("examples_per_sec"):
+            by_round.setdefault(r["round"], {})[r["contender"]] = r["examples_per_sec"]
+    return [
+        rates["bridge"] / max(rates["tutorial"], rates["fit"])
+        for _, rates in sorted(by_round.items())
+        if set(CONTENDERS) <= set(rates)
+    ]
+
+
 def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     headers = ["model", "batch"]
     headers += [f"{c} ex/s" for c in args.contenders]
     if "bridge" in args.contenders:
         headers += [f"bridge/{c}" for c in ("tutorial", "fit") if c in args.contenders]
-    headers.append("spread")
+    headers += ["bridge/faster peer by round", "spread"]
     headers += [f"{c} startup s" for c in args.contenders]
     table = []
     for row in rows:
@@ -288,6 +305,8 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
                 for c in ("tutorial", "fit")
                 if c in args.contenders
             ]
+        paired = row["bridge_over_faster_peer_by_round"]
+        cells.append(" ".join(f"{ratio:.2f}" for ratio in paired) or "-")
         spread = row["max_spread"]
         cells.append("-" if spread is None else f"{100 * spread:.0f}%")
         for contender in args.contenders:
@@ -298,7 +317,7 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     print(
         f"median training examples/s over {args.rounds} round(s) of {args.steps} steps "
         f"(first {args.warmup_steps} excluded); bridge and fit in {args.precision}, "
-        "tutorial in float32; "
+        "tutorial in float32; by round = bridge over the faster of tutorial and fit in each round; "
         "spread = largest (max-min)/median among the contenders; startup = seconds from the "
         "call to the first timed step (build, session/function set-up, warm-up steps)"
     )
