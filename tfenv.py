@@ -15,8 +15,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # One Keras only: the Keras 2 API from tf_keras (mixing keras/tf.keras/tf_keras loses variables).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # oneDNN kernels on every x86 CPU. TensorFlow 2.15 turns them on by default only where it finds
-# AVX-512 features; on an AVX2-only EPYC they trained the cnn about 1.5x faster (README,
-# "Where the time went"). Set TF_ENABLE_ONEDNN_OPTS=0 to compare against the stock kernels.
+# AVX-512 features; on an AVX2-only EPYC they trained the cnn about 1.6x faster (README,
+# "Where the time went on VM B"). Set TF_ENABLE_ONEDNN_OPTS=0 to compare against the stock kernels.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
