@@ -489,7 +489,10 @@ def _global_step(model_dir: str) -> int:
 
 
 def resolve_checkpoint(config: Config) -> str:
-    """The checkpoint to read: ``checkpoint_path`` (a prefix or a folder) or the latest one."""
+    """The checkpoint to read: ``checkpoint_path`` (a prefix or a folder) or the latest one.
+
+    Whether it can be read, and fits the network, is :func:`check_checkpoint_fits`'s job.
+    """
     path = config.checkpoint_path or config.model_dir
     if os.path.isdir(path):
         latest = tf.train.latest_checkpoint(path)
@@ -503,11 +506,49 @@ def resolve_checkpoint(config: Config) -> str:
             f"checkpoint {path} does not exist (no {path}.index); pass a checkpoint prefix such as "
             f"{os.path.join(config.model_dir, 'model.ckpt-1000')} or a model dir"
         )
-    try:
-        tf.train.load_checkpoint(path)
-    except (tf.errors.OpError, ValueError) as error:
-        raise UsageError(f"checkpoint {path} is unreadable ({_first_line(error)})") from None
     return path
+
+
+def check_checkpoint_fits(config: Config, checkpoint: str, model: Optional[keras.Model] = None):
+    """Raises ``UsageError`` unless ``checkpoint`` holds every weight of the network, same shapes.
+
+    Jobs call it before restoring anything, so a checkpoint from another ``--model`` (or other
+    builder arguments) is one line naming the mismatch instead of a restore traceback, and no
+    export, prediction or checkpoint has been written yet.
+
+    Args:
+        config: Names the network and its builder arguments.
+        checkpoint: A checkpoint prefix.
+        model: The network, if already built (float32); built from ``config`` otherwise.
+    """
+    try:
+        stored = dict(tf.train.list_variables(checkpoint))
+    except (tf.errors.OpError, ValueError) as error:
+        raise UsageError(f"checkpoint {checkpoint} is unreadable ({_first_line(error)})") from None
+    if model is None:
+        with precision_policy("float32"):
+            model = _eager_model(config)
+    expected = {_checkpoint_key(w): w.shape.as_list() for w in model.weights}
+    missing = [key for key in expected if key not in stored]
+    wrong = [key for key in expected if key in stored and list(stored[key]) != expected[key]]
+    if missing:
+        problem = f"no {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+    elif wrong:
+        key = wrong[0]
+        problem = f"{key} is {list(stored[key])} there, the network's is {expected[key]}"
+    else:
+        return
+    raise UsageError(
+        f"checkpoint {checkpoint} does not fit --model={config.model} ({problem}); pass the "
+        "--model and network settings it was trained with, or another --model_dir"
+    )
+
+
+def _check_resumable(config: Config) -> None:
+    """Training resumes from ``model_dir``'s latest checkpoint, if any: it must fit the network."""
+    latest = tf.train.latest_checkpoint(config.model_dir)
+    if latest:
+        check_checkpoint_fits(config, latest)
 
 
 def _first_line(error: BaseException) -> str:
@@ -533,6 +574,7 @@ def train(config: Config, hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> 
     """
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
+    _check_resumable(config)
     warm_start = _warm_start_settings(config) if config.warm_start_from else None
     estimator = make_estimator(config, spec, warm_start)
     target = target_step(config, spec)
@@ -590,6 +632,7 @@ def evaluate(config: Config) -> Dict[str, Any]:
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = resolve_checkpoint(config)
+    check_checkpoint_fits(config, checkpoint)
     estimator = make_estimator(config, spec)
     splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
     results = {}
@@ -631,6 +674,7 @@ def train_and_evaluate(config: Config) -> Dict[str, Any]:
     """
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
+    _check_resumable(config)
     warm_start = _warm_start_settings(config) if config.warm_start_from else None
     estimator = make_estimator(config, spec, warm_start)
     target = target_step(config, spec)
@@ -685,6 +729,7 @@ def predict(config: Config) -> Dict[str, Any]:
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = resolve_checkpoint(config)
+    check_checkpoint_fits(config, checkpoint)
     keys = ["classes", "probabilities"]
     if config.plot and "conv1" in _layer_names(config):
         keys.append("conv1")
@@ -825,6 +870,7 @@ def export(config: Config) -> Dict[str, Any]:
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = resolve_checkpoint(config)
+    check_checkpoint_fits(config, checkpoint)
     estimator = make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
     path = estimator.export_saved_model(
@@ -850,21 +896,12 @@ def keras_model_from_checkpoint(config: Config, checkpoint: Optional[str] = None
     layer is named.
     """
     checkpoint = checkpoint or resolve_checkpoint(config)
-    reader = tf.train.load_checkpoint(checkpoint)
     with precision_policy("float32"):
         model = _eager_model(config)
-    missing = []
+    check_checkpoint_fits(config, checkpoint, model)
+    reader = tf.train.load_checkpoint(checkpoint)
     for weight in model.weights:
-        key = _checkpoint_key(weight)
-        if reader.has_tensor(key):
-            weight.assign(reader.get_tensor(key))
-        else:
-            missing.append(key)
-    if missing:
-        raise UsageError(
-            f"checkpoint {checkpoint} has no {', '.join(missing[:3])} for model {config.model!r}; "
-            "is --model the network this checkpoint was trained with?"
-        )
+        weight.assign(reader.get_tensor(_checkpoint_key(weight)))
     return model
 
 

@@ -293,7 +293,10 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     headers += [f"{c} ex/s" for c in args.contenders]
     if "bridge" in args.contenders:
         headers += [f"bridge/{c}" for c in ("tutorial", "fit") if c in args.contenders]
-    headers += ["bridge/faster peer by round", "spread"]
+    by_round = set(CONTENDERS) <= set(args.contenders)
+    if by_round:
+        headers.append("bridge/faster peer by round")
+    headers.append("spread")
     headers += [f"{c} startup s" for c in args.contenders]
     table = []
     for row in rows:
@@ -305,8 +308,9 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
                 for c in ("tutorial", "fit")
                 if c in args.contenders
             ]
-        paired = row["bridge_over_faster_peer_by_round"]
-        cells.append(" ".join(f"{ratio:.2f}" for ratio in paired) or "-")
+        if by_round:
+            paired = row["bridge_over_faster_peer_by_round"]
+            cells.append(" ".join(f"{ratio:.2f}" for ratio in paired) or "-")
         spread = row["max_spread"]
         cells.append("-" if spread is None else f"{100 * spread:.0f}%")
         for contender in args.contenders:

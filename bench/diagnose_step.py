@@ -8,7 +8,8 @@ bridge contender (the first ``--warmup_steps`` steps excluded, no checkpoint ins
 * ``baseline``: ``estimator_bridge.train`` with the Config of ``bench_throughput``'s bridge;
 * ``const_input``: the bridge's Estimator (``estimator_bridge.make_estimator``) fed one real batch,
   read once through the project's pipeline, repeated from memory: the input pipeline's share;
-* ``threads_1x1``, ``threads_2x2``: Config ``intra_op_threads``/``inter_op_threads`` 1/1, 2/2;
+* ``threads_1x1``, ``threads_1x2``, ``threads_2x2``: Config ``intra_op_threads``/
+  ``inter_op_threads`` 1/1, 1/2, 2/2;
 * ``xla_autojit``: ``TF_XLA_FLAGS=--tf_xla_auto_jit=2 --tf_xla_cpu_global_jit``;
 * ``onednn_off``: ``TF_ENABLE_ONEDNN_OPTS=0``;
 * ``generic_gru``: ``estimator_bridge._use_fused_recurrent_kernels`` patched out, so the Keras
@@ -99,6 +100,11 @@ VARIANTS: Dict[str, Variant] = {
             "threads_1x1",
             "intra_op_threads=1, inter_op_threads=1",
             config={"intra_op_threads": 1, "inter_op_threads": 1},
+        ),
+        Variant(
+            "threads_1x2",
+            "intra_op_threads=1, inter_op_threads=2 (independent ops side by side, one core each)",
+            config={"intra_op_threads": 1, "inter_op_threads": 2},
         ),
         Variant(
             "threads_2x2",

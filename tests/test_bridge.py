@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import run_main
+from cli_helpers import assert_cli_error, run_main
 
 import data_pipeline
 import estimator_bridge
@@ -280,6 +280,67 @@ def test_predict_writes_csv_and_plots(trained_cnn, tmp_path):
     for path in result["plots"]:
         with open(path, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _copy_latest_checkpoint(model_dir, out_dir):
+    """Copies the latest checkpoint (and the state file naming it) into ``out_dir``."""
+    import shutil
+
+    os.makedirs(out_dir)
+    prefix = os.path.basename(tf.train.latest_checkpoint(model_dir))
+    for name in os.listdir(model_dir):
+        if name == "checkpoint" or name.startswith(prefix + "."):
+            shutil.copy(os.path.join(model_dir, name), out_dir)
+    return os.path.join(out_dir, prefix)
+
+
+def test_checkpoint_of_another_network_is_one_line_and_nothing_is_written(trained_cnn, tmp_path):
+    config, _ = trained_cnn
+    run = run_main(
+        "--mode=evaluate",
+        "--model=rnn",
+        f"--data_dir={config.data_dir}",
+        f"--model_dir={config.model_dir}",
+        "--limit=100",
+    )
+    assert_cli_error(run, "does not fit --model=rnn", "no gru1/gru_cell/kernel", "--model")
+
+    # Same network, other builder arguments: the first weight whose shape differs is named,
+    # before the export folder is created.
+    narrow = dataclasses.replace(
+        config, model_params={"dense_units": 512}, export_dir=str(tmp_path / "export")
+    )
+    with pytest.raises(estimator_bridge.UsageError) as info:
+        estimator_bridge.export(narrow)
+    assert "dense1/kernel is [3136, 1024] there, the network's is [3136, 512]" in str(info.value)
+    assert not os.path.exists(narrow.export_dir)
+
+    # Resuming another network's model dir stops before writing a checkpoint or an event file.
+    model_dir = str(tmp_path / "resume")
+    _copy_latest_checkpoint(config.model_dir, model_dir)
+    before = sorted(os.listdir(model_dir))
+    wrong = dataclasses.replace(config, model="cnn_rnn", model_dir=model_dir, train_steps=70)
+    with pytest.raises(estimator_bridge.UsageError, match="does not fit --model=cnn_rnn"):
+        estimator_bridge.train(wrong)
+    with pytest.raises(estimator_bridge.UsageError, match="does not fit --model=cnn_rnn"):
+        estimator_bridge.train_and_evaluate(wrong)
+    assert sorted(os.listdir(model_dir)) == before
+
+
+def test_unreadable_checkpoint_is_one_line(trained_cnn, tmp_path):
+    config, _ = trained_cnn
+    prefix = _copy_latest_checkpoint(config.model_dir, str(tmp_path / "model"))
+    with open(prefix + ".index", "wb") as handle:
+        handle.write(b"not a checkpoint index")
+    run = run_main(
+        "--mode=predict",
+        "--model=cnn",
+        f"--data_dir={config.data_dir}",
+        f"--model_dir={tmp_path / 'model'}",
+        f"--output_dir={tmp_path / 'predictions'}",
+    )
+    assert_cli_error(run, f"checkpoint {prefix} is unreadable")
+    assert not os.path.exists(tmp_path / "predictions")
 
 
 @pytest.fixture(scope="session")
