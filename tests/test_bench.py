@@ -1,0 +1,76 @@
+"""bench/bench_throughput.py's arithmetic: medians, ratios and the paired by-round ratio."""
+
+import argparse
+import os
+import sys
+
+import pytest
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+)
+import bench_throughput  # noqa: E402
+
+
+def _args(contenders=bench_throughput.CONTENDERS):
+    return argparse.Namespace(
+        models=["cnn"],
+        batch_sizes=[128],
+        contenders=list(contenders),
+        rounds=3,
+        steps=100,
+        warmup_steps=10,
+        precision="float32",
+    )
+
+
+def _runs(rates_by_round):
+    return [
+        {
+            "model": "cnn",
+            "batch_size": 128,
+            "round": number,
+            "contender": contender,
+            "examples_per_sec": rate,
+            "startup_s": 5.0 + number,
+        }
+        for number, rates in enumerate(rates_by_round, 1)
+        for contender, rate in rates.items()
+    ]
+
+
+def test_summary_medians_ratios_and_rounds_paired_against_the_faster_peer(capsys):
+    runs = _runs(
+        [
+            {"bridge": 1000.0, "tutorial": 900.0, "fit": 1100.0},
+            {"bridge": 1200.0, "tutorial": 1000.0, "fit": 1000.0},
+            {"bridge": 900.0, "tutorial": 1000.0, "fit": None},  # fit failed: round unpaired
+        ]
+    )
+    (row,) = bench_throughput.summarise(_args(), runs)
+    assert (row["bridge"], row["tutorial"], row["fit"]) == (1000.0, 1000.0, 1050.0)
+    assert row["bridge_over_tutorial"] == 1.0
+    assert row["bridge_over_fit"] == pytest.approx(1000 / 1050)
+    assert row["bridge_over_faster_peer_by_round"] == pytest.approx([1000 / 1100, 1200 / 1000])
+    assert row["max_spread"] == pytest.approx(300 / 1000)  # bridge: (1200 - 900) / 1000
+    assert row["bridge_startup_s"] == 7.0
+
+    bench_throughput.print_summary(_args(), [row])
+    lines = capsys.readouterr().out.splitlines()
+    assert "bridge/faster peer by round" in lines[-3]
+    assert (
+        lines[-1].split()
+        == "cnn 128 1,000 1,000 1,050 1.00x 0.95x 0.91 1.20 30% 7.0 7.0 7.0".split()
+    )
+
+
+def test_summary_without_both_peers_has_no_by_round_column(capsys):
+    runs = _runs([{"bridge": 1000.0, "fit": 800.0}])
+    args = _args(contenders=("bridge", "fit"))
+    (row,) = bench_throughput.summarise(args, runs)
+    assert row["bridge_over_fit"] == 1.25 and row["bridge_over_faster_peer_by_round"] == []
+    bench_throughput.print_summary(args, [row])
+    lines = capsys.readouterr().out.splitlines()
+    header, line = lines[-3], lines[-1]
+    assert "by round" not in header
+    assert line.split() == "cnn 128 1,000 800 1.25x - 6.0 6.0".split()
