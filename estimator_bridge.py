@@ -509,7 +509,9 @@ def resolve_checkpoint(config: Config) -> str:
     return path
 
 
-def check_checkpoint_fits(config: Config, checkpoint: str, model: Optional[keras.Model] = None):
+def check_checkpoint_fits(
+    config: Config, checkpoint: str, model: Optional[keras.Model] = None
+) -> keras.Model:
     """Raises ``UsageError`` unless ``checkpoint`` holds every weight of the network, same shapes.
 
     Jobs call it before restoring anything, so a checkpoint from another ``--model`` (or other
@@ -520,6 +522,9 @@ def check_checkpoint_fits(config: Config, checkpoint: str, model: Optional[keras
         config: Names the network and its builder arguments.
         checkpoint: A checkpoint prefix.
         model: The network, if already built (float32); built from ``config`` otherwise.
+
+    Returns:
+        The network (float32, its weights not loaded from the checkpoint).
     """
     try:
         stored = dict(tf.train.list_variables(checkpoint))
@@ -537,7 +542,7 @@ def check_checkpoint_fits(config: Config, checkpoint: str, model: Optional[keras
         key = wrong[0]
         problem = f"{key} is {list(stored[key])} there, the network's is {expected[key]}"
     else:
-        return
+        return model
     raise UsageError(
         f"checkpoint {checkpoint} does not fit --model={config.model} ({problem}); pass the "
         "--model and network settings it was trained with, or another --model_dir"
@@ -729,9 +734,9 @@ def predict(config: Config) -> Dict[str, Any]:
     config.validate()
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = resolve_checkpoint(config)
-    check_checkpoint_fits(config, checkpoint)
+    model = check_checkpoint_fits(config, checkpoint)
     keys = ["classes", "probabilities"]
-    if config.plot and "conv1" in _layer_names(config):
+    if config.plot and "conv1" in [layer.name for layer in model.layers]:
         keys.append("conv1")
     estimator = make_estimator(config, spec, intermediates="conv1" in keys)
     split = config.predict_split
@@ -768,12 +773,6 @@ def predict(config: Config) -> Dict[str, Any]:
 
 
 _PLOTTED_DIGITS = 16
-
-
-def _layer_names(config: Config) -> List[str]:
-    """The network's layer names, from a throwaway graph (no eager variables left behind)."""
-    with tf.Graph().as_default():
-        return [layer.name for layer in _eager_model(config).layers]
 
 
 def _labels(config: Config, split: str) -> np.ndarray:

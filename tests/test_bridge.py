@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -234,8 +235,6 @@ def test_rerun_resumes_and_stops_at_target(trained_cnn, tmp_path):
     # Same target: nothing to do.
     assert estimator_bridge.train(config)["global_step"] == 60
     # A copy of the model dir trained further resumes from 60, not from 0.
-    import shutil
-
     model_dir = str(tmp_path / "resumed")
     shutil.copytree(config.model_dir, model_dir)
     further = dataclasses.replace(config, model_dir=model_dir, train_steps=70)
@@ -284,8 +283,6 @@ def test_predict_writes_csv_and_plots(trained_cnn, tmp_path):
 
 def _copy_latest_checkpoint(model_dir, out_dir):
     """Copies the latest checkpoint (and the state file naming it) into ``out_dir``."""
-    import shutil
-
     os.makedirs(out_dir)
     prefix = os.path.basename(tf.train.latest_checkpoint(model_dir))
     for name in os.listdir(model_dir):
