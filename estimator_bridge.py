@@ -1,11 +1,11 @@
-"""One generic Estimator ``model_fn`` for any functional Keras model, plus train/eval/export jobs.
+"""One generic Estimator ``model_fn`` for any functional Keras model, and what the Estimator needs.
 
 The Keras networks in :mod:`keras_models` know nothing of the Estimator. This module builds the
 network named in ``params`` inside :func:`model_fn`, calls it under the mode flag and returns
-``EstimatorSpec`` objects. Around it sit the jobs that ``main.py`` runs, each taking one
-:class:`Config`: :func:`train`, :func:`evaluate`, :func:`train_and_evaluate`, :func:`predict` and
-:func:`export`, and the bridges back to plain Keras (:func:`keras_model_from_checkpoint`,
-:func:`keras_weights_to_checkpoint`).
+``EstimatorSpec`` objects. Around it sit the run's :class:`Config`, the Estimator and its
+input_fns (:func:`make_estimator`, :func:`make_input_fn`), checkpoint checks, the serving
+receivers and the bridges back to plain Keras (:func:`keras_model_from_checkpoint`,
+:func:`keras_weights_to_checkpoint`). The jobs that ``main.py`` runs are in :mod:`jobs`.
 
 Pitfalls of Keras inside ``model_fn`` on TF 2.15 that shape the code below:
 
@@ -22,18 +22,12 @@ Pitfalls of Keras inside ``model_fn`` on TF 2.15 that shape the code below:
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import os
 import re
-import signal
-import sys
-import threading
-import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
-import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
@@ -460,7 +454,8 @@ def target_step(config: Config, spec=None) -> int:
     return max(1, math.ceil(config.epochs * examples / config.batch_size))
 
 
-def _input_fn(config: Config, split: str, training: bool):
+def make_input_fn(config: Config, split: str, training: bool):
+    """The Estimator ``input_fn`` for ``split``: shuffled, repeated full batches when training."""
     if training:
         return data_pipeline.make_input_fn(
             config.data_dir,
@@ -481,7 +476,8 @@ def _input_fn(config: Config, split: str, training: bool):
     )
 
 
-def _global_step(model_dir: str) -> int:
+def global_step_of(model_dir: str) -> int:
+    """The global step of ``model_dir``'s latest checkpoint (0 without one)."""
     latest = tf.train.latest_checkpoint(model_dir)
     if latest is None:
         return 0
@@ -549,7 +545,7 @@ def check_checkpoint_fits(
     )
 
 
-def _check_resumable(config: Config) -> None:
+def check_resumable(config: Config) -> None:
     """Training resumes from ``model_dir``'s latest checkpoint, if any: it must fit the network."""
     latest = tf.train.latest_checkpoint(config.model_dir)
     if latest:
@@ -559,274 +555,6 @@ def _check_resumable(config: Config) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(getattr(error, "message", "") or error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-# --------------------------------------------------------------------------------------------
-# Jobs
-# --------------------------------------------------------------------------------------------
-
-
-def train(config: Config, hooks: Sequence[tf.estimator.SessionRunHook] = ()) -> Dict[str, Any]:
-    """Trains to :func:`target_step`, resuming from the last checkpoint in ``model_dir``.
-
-    Args:
-        config: The run's settings.
-        hooks: Extra ``SessionRunHook``s (e.g. a profiler or a timer), run after the built-in
-            progress and signal hooks.
-
-    Returns:
-        ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
-    """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
-    _check_resumable(config)
-    warm_start = _warm_start_settings(config) if config.warm_start_from else None
-    estimator = make_estimator(config, spec, warm_start)
-    target = target_step(config, spec)
-    start = _global_step(config.model_dir)
-    if start >= target:
-        _info(f"{config.model_dir} is already at step {start} (target {target}); nothing to train")
-        return {"global_step": start, "examples_per_sec": 0.0, "seconds": 0.0, "interrupted": False}
-    if start:
-        _info(f"resuming {config.model} from step {start} to {target}")
-    hook = ProgressHook(
-        batch_size=config.batch_size,
-        start_step=start,
-        target_step=target,
-        every_n_steps=config.log_every_n_steps,
-        progress_bar=config.progress,
-    )
-    stopper = StopOnSignalHook()
-    try:
-        with data_pipeline.translate_errors(config.data_dir):
-            estimator.train(
-                _input_fn(config, "train", True), max_steps=target, hooks=[hook, stopper, *hooks]
-            )
-    except tf.compat.v1.train.NanLossDuringTrainingError:
-        raise TrainingError(
-            f"the loss became NaN near step {hook.step}; the last good checkpoint "
-            f"({tf.train.latest_checkpoint(config.model_dir) or 'none'}) is kept: "
-            "lower --learning_rate or check the data"
-        ) from None
-    step = _global_step(config.model_dir)
-    if stopper.interrupted:
-        _info(
-            f"interrupted: checkpoint saved at step {step} in {config.model_dir}; rerun to resume"
-        )
-    else:
-        _info(
-            f"trained {config.model} to step {step} in {hook.seconds:.1f}s "
-            f"({hook.examples_per_sec:,.0f} examples/s)"
-        )
-    return {
-        "global_step": step,
-        "examples_per_sec": hook.examples_per_sec,
-        "seconds": hook.seconds,
-        "interrupted": stopper.interrupted,
-    }
-
-
-def evaluate(config: Config) -> Dict[str, Any]:
-    """Evaluates a checkpoint on ``eval_split`` and writes its confusion matrices as CSV.
-
-    Returns:
-        For one split ``{"split", "accuracy", "loss", "mean_per_class_accuracy", "global_step",
-        "checkpoint", "confusion_matrix"}``; for ``both``, ``{"split": "both", "global_step",
-        "checkpoint", "train": {...}, "test": {...}}``.
-    """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
-    checkpoint = resolve_checkpoint(config)
-    check_checkpoint_fits(config, checkpoint)
-    estimator = make_estimator(config, spec)
-    splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
-    results = {}
-    for split in splits:
-        with data_pipeline.translate_errors(config.data_dir):
-            metrics = estimator.evaluate(
-                _input_fn(config, split, False), checkpoint_path=checkpoint, name=split
-            )
-        results[split] = _summarise_eval(config, split, checkpoint, metrics)
-    if len(splits) == 1:
-        return results[splits[0]]
-    step = results["test"]["global_step"]
-    return {"split": "both", "global_step": step, "checkpoint": checkpoint, **results}
-
-
-def _summarise_eval(config: Config, split: str, checkpoint: str, metrics) -> Dict[str, Any]:
-    step = int(metrics["global_step"])
-    matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    path = os.path.join(config.model_dir, f"eval_{split}", f"confusion_matrix-{step}.csv")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savetxt(path, matrix, fmt="%d", delimiter=",")
-    return {
-        "split": split,
-        "accuracy": round(float(metrics["accuracy"]), 6),
-        "loss": round(float(metrics["loss"]), 6),
-        "mean_per_class_accuracy": round(float(metrics["mean_per_class_accuracy"]), 6),
-        "examples": int(matrix.sum()),
-        "global_step": step,
-        "checkpoint": checkpoint,
-        "confusion_matrix": path,
-    }
-
-
-def train_and_evaluate(config: Config) -> Dict[str, Any]:
-    """``tf.estimator.train_and_evaluate`` with a best-checkpoint (highest accuracy) exporter.
-
-    Returns:
-        The final evaluation metrics (scalars only) and where the best export went.
-    """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
-    _check_resumable(config)
-    warm_start = _warm_start_settings(config) if config.warm_start_from else None
-    estimator = make_estimator(config, spec, warm_start)
-    target = target_step(config, spec)
-    split = "train" if config.eval_split == "train" else "test"
-    exporter = tf.estimator.BestExporter(
-        name="best",
-        serving_input_receiver_fn=serving_input_receiver_fn(spec),
-        compare_fn=_higher_accuracy,
-        exports_to_keep=3,
-    )
-    hook = ProgressHook(
-        batch_size=config.batch_size,
-        start_step=_global_step(config.model_dir),
-        target_step=target,
-        every_n_steps=config.log_every_n_steps,
-        progress_bar=config.progress,
-    )
-    train_spec = tf.estimator.TrainSpec(
-        _input_fn(config, "train", True), max_steps=target, hooks=[hook, StopOnSignalHook()]
-    )
-    eval_spec = tf.estimator.EvalSpec(
-        _input_fn(config, split, False),
-        steps=None,
-        name=split,
-        exporters=[exporter],
-        start_delay_secs=0,
-        throttle_secs=config.eval_throttle_secs,
-    )
-    with data_pipeline.translate_errors(config.data_dir):
-        # None on a TF_CONFIG cluster: with a strategy the distribute coordinator returns
-        # nothing, and so do ps/evaluator tasks; the evaluator's metrics are in
-        # model_dir/eval_<split>.
-        outcome = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
-    metrics = outcome[0] if outcome else None
-    result = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
-    result["global_step"] = int(result.get("global_step", _global_step(config.model_dir)))
-    result["split"] = split
-    result["best_export_dir"] = os.path.join(config.model_dir, "export", "best")
-    return result
-
-
-def _higher_accuracy(best_eval_result, current_eval_result) -> bool:
-    return current_eval_result["accuracy"] > best_eval_result["accuracy"]
-
-
-def predict(config: Config) -> Dict[str, Any]:
-    """Writes ``predictions-<split>.csv`` (index, label, class, probability) and optional plots.
-
-    Returns:
-        ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
-    """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
-    checkpoint = resolve_checkpoint(config)
-    model = check_checkpoint_fits(config, checkpoint)
-    keys = ["classes", "probabilities"]
-    if config.plot and "conv1" in [layer.name for layer in model.layers]:
-        keys.append("conv1")
-    estimator = make_estimator(config, spec, intermediates="conv1" in keys)
-    split = config.predict_split
-    input_fn = data_pipeline.make_input_fn(
-        config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
-    )
-    labels = _labels(config, split)
-    os.makedirs(config.output_dir, exist_ok=True)
-    csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
-    samples: List[Dict[str, np.ndarray]] = []
-    correct = count = 0
-    # Written under a temporary name: an interrupted run leaves no complete-looking CSV.
-    errors = data_pipeline.translate_errors(config.data_dir)
-    with errors, open(csv_path + ".tmp", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "label", "class", "probability"])
-        rows = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
-        for index, row in enumerate(rows):
-            label, cls = int(labels[index]), int(row["classes"])
-            writer.writerow([index, label, cls, f"{row['probabilities'][cls]:.6f}"])
-            correct += cls == label
-            count += 1
-            if len(samples) < _PLOTTED_DIGITS:
-                samples.append(row)
-    os.replace(csv_path + ".tmp", csv_path)
-    plots = _plot_predictions(config, samples, labels) if config.plot else []
-    return {
-        "csv": csv_path,
-        "examples": count,
-        "accuracy": round(correct / max(count, 1), 6),
-        "checkpoint": checkpoint,
-        "plots": plots,
-    }
-
-
-_PLOTTED_DIGITS = 16
-
-
-def _labels(config: Config, split: str) -> np.ndarray:
-    """The split's labels in record order, read through the same pipeline."""
-    dataset = data_pipeline.make_dataset(
-        config.data_dir, split, 4096, num_epochs=1, limit=config.eval_limit
-    )
-    return np.concatenate([labels.numpy() for _, labels in dataset])
-
-
-def _plot_predictions(config: Config, samples, labels) -> List[str]:
-    """Writes a grid of the first digits with their predictions and the conv1 feature maps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    split = config.predict_split
-    features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
-    images = features["image"].numpy()[..., 0]
-    fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
-    for ax, image, row, label in zip(axes.flat, images, samples, labels):
-        cls = int(row["classes"])
-        ax.imshow(image, cmap="gray")
-        title = f"{cls} ({row['probabilities'][cls]:.2f})" + ("" if cls == label else f" ≠ {label}")
-        ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(f"{config.model}: predicted class (probability); red: wrong, ≠ true label")
-    paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    if samples and "conv1" in samples[0]:
-        maps = np.asarray(samples[0]["conv1"])
-        if maps.ndim == 2:  # Conv1D: [rows, channels], one image
-            fig, ax = plt.subplots(figsize=(6, 3))
-            ax.imshow(maps.T, cmap="viridis", aspect="auto")
-            ax.set_xlabel("row position")
-            ax.set_ylabel("channel")
-        else:  # Conv2D: [height, width, channels], one panel per channel
-            cols = 8
-            rows = math.ceil(maps.shape[-1] / cols)
-            fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.3))
-            for channel, ax in enumerate(axes.flat):
-                ax.axis("off")
-                if channel < maps.shape[-1]:
-                    ax.imshow(maps[..., channel], cmap="viridis")
-                    ax.set_title(str(channel), fontsize=7)
-        fig.suptitle(f"{config.model}: conv1 feature maps of the first {split} digit")
-        paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
 
 
 # --------------------------------------------------------------------------------------------
@@ -860,30 +588,6 @@ def serving_input_receiver_fn(spec) -> Callable[[], tf.estimator.export.ServingI
     return receiver_fn
 
 
-def export(config: Config) -> Dict[str, Any]:
-    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a ``.keras`` file.
-
-    Returns:
-        ``{"saved_model", "checkpoint", "keras"}``.
-    """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
-    checkpoint = resolve_checkpoint(config)
-    check_checkpoint_fits(config, checkpoint)
-    estimator = make_estimator(config, spec)
-    os.makedirs(config.export_dir, exist_ok=True)
-    path = estimator.export_saved_model(
-        config.export_dir, serving_input_receiver_fn(spec), checkpoint_path=checkpoint
-    )
-    path = path.decode() if isinstance(path, bytes) else path
-    result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
-    if config.keras_output:
-        model = keras_model_from_checkpoint(config, checkpoint)
-        _atomic_keras_save(model, config.keras_output)
-        result["keras"] = config.keras_output
-    return result
-
-
 def _eager_model(config: Config) -> keras.Model:
     return keras_models.build_model(config.model, **model_params(config))
 
@@ -906,14 +610,6 @@ def keras_model_from_checkpoint(config: Config, checkpoint: Optional[str] = None
 
 def _checkpoint_key(weight: tf.Variable) -> str:
     return re.sub(r":\d+$", "", weight.name)
-
-
-def _atomic_keras_save(model: keras.Model, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    tmp = f"{path}.tmp{suffix}"
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str) -> List[str]:
@@ -950,7 +646,8 @@ def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str)
     return sorted(values)
 
 
-def _warm_start_settings(config: Config) -> tf.estimator.WarmStartSettings:
+def warm_start_settings(config: Config) -> tf.estimator.WarmStartSettings:
+    """Warm-start settings from ``config.warm_start_from`` (a Keras weights file)."""
     out_dir = os.path.join(config.model_dir, "warm_start")
     names = keras_weights_to_checkpoint(config, config.warm_start_from, out_dir)
     return tf.estimator.WarmStartSettings(
@@ -959,122 +656,3 @@ def _warm_start_settings(config: Config) -> tf.estimator.WarmStartSettings:
         # "conv1/kernel" from also matching the optimizer's "conv1/kernel/Adam" slots.
         vars_to_warm_start=[f"{re.escape(name)}:" for name in names],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Progress
-# --------------------------------------------------------------------------------------------
-
-
-class ProgressHook(tf.estimator.SessionRunHook):
-    """Logs step, loss and examples/s every N steps, with a progress bar and ETA on a terminal."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        start_step: int,
-        target_step: int,
-        every_n_steps: int = 100,
-        progress_bar: bool = True,
-        stream=None,
-    ):
-        self._batch_size = batch_size
-        self._start_step = start_step
-        self._target = target_step
-        self._every = every_n_steps
-        self._stream = stream or sys.stderr
-        self._bar_wanted = progress_bar and getattr(self._stream, "isatty", lambda: False)()
-        self._bar = None
-        self.seconds = 0.0
-        self.examples_per_sec = 0.0
-        self.step = start_step
-
-    def begin(self):
-        self._global_step = tf.compat.v1.train.get_global_step()
-        self._loss = tf.compat.v1.get_collection(LOSS_COLLECTION)[0]
-
-    def after_create_session(self, session, coord):
-        self._step = int(session.run(self._global_step))
-        self._first_step = self._step
-        self._t0 = self._last_t = None
-        self._last_step = self._step
-        if self._bar_wanted:
-            from tqdm import tqdm
-
-            self._bar = tqdm(
-                total=self._target,
-                initial=self._step,
-                unit="step",
-                file=self._stream,
-                dynamic_ncols=True,
-                leave=False,
-            )
-
-    def before_run(self, run_context):
-        fetches = {"step": self._global_step}
-        if (self._step + 1) % self._every == 0 or self._step + 1 >= self._target:
-            fetches["loss"] = self._loss
-        return tf.estimator.SessionRunArgs(fetches)
-
-    def after_run(self, run_context, run_values):
-        now = time.perf_counter()
-        step = int(run_values.results["step"]) + 1
-        if self._t0 is None:  # time from the end of the first step: it includes graph warm-up
-            self._t0 = self._last_t = now
-            self._timed_from = self._last_step = step
-        if self._bar is not None:
-            self._bar.update(step - self._step)
-        self._step = self.step = step
-        if "loss" in run_values.results:
-            line = f"step {step:>7d}/{self._target}  loss {run_values.results['loss']:.4f}"
-            if now > self._last_t:
-                rate = (step - self._last_step) * self._batch_size / (now - self._last_t)
-                line += f"  {rate:,.0f} examples/s"
-            if self._bar is not None:
-                self._bar.write(line, file=self._stream)
-            else:
-                print(line, file=self._stream, flush=True)
-            self._last_t, self._last_step = now, step
-
-    def end(self, session):
-        if self._bar is not None:
-            self._bar.close()
-        if self._t0 is not None:
-            self.seconds = time.perf_counter() - self._t0
-            steps = self._step - self._timed_from
-            self.examples_per_sec = steps * self._batch_size / self.seconds if steps > 0 else 0.0
-
-
-class StopOnSignalHook(tf.estimator.SessionRunHook):
-    """Turns SIGINT/SIGTERM into a clean stop, so the Estimator saves a final checkpoint.
-
-    A second signal is handled as usual (KeyboardInterrupt), for a user who really wants out.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.interrupted = False
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        self.interrupted = True
-        for sig, handler in self._previous.items():  # the next signal acts as before
-            signal.signal(sig, handler)
-
-    def after_create_session(self, session, coord):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def after_run(self, run_context, run_values):
-        if self.interrupted:
-            run_context.request_stop()
-
-    def end(self, session):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
-def _info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

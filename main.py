@@ -71,9 +71,9 @@ def run() -> dict:
             overwrite=FLAGS.overwrite,
         )
         return {"data_dir": FLAGS.data_dir, **{s: spec.num_records(s) for s in spec.splits}}
-    import estimator_bridge
+    import jobs
 
-    return getattr(estimator_bridge, FLAGS.mode)(build_config())
+    return getattr(jobs, FLAGS.mode)(build_config())
 
 
 def main(argv):

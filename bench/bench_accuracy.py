@@ -1,7 +1,7 @@
 """Test accuracy after training through estimator_bridge, next to the tutorial's published figures.
 
-For each network: train from scratch with ``estimator_bridge.train`` (fresh model_dir), then
-``estimator_bridge.evaluate`` on the test split, and compare with the accuracy the tutorial
+For each network: train from scratch with ``jobs.train`` (fresh model_dir), then
+``jobs.evaluate`` on the test split, and compare with the accuracy the tutorial
 published. The default recipe ``tutorial`` is the tutorial's budget: batch 128, Adam 1e-3
 constant, cnn 3 epochs, rnn 3, birnn 2, cnn_rnn 6. The recipe ``strong`` trains longer with a
 cosine learning-rate schedule and random-shift augmentation. With ``--seeds=0,1,2`` every network
@@ -39,6 +39,7 @@ tfenv.silence_python_logging()
 import benchlib  # noqa: E402
 
 import estimator_bridge  # noqa: E402
+import jobs  # noqa: E402
 import keras_models  # noqa: E402
 
 # Test accuracy the tutorial's notebooks published, per network.
@@ -174,9 +175,9 @@ def run_one(args, model: str, seed: int, data_dir: str) -> Dict[str, Any]:
     shutil.rmtree(model_dir, ignore_errors=True)  # always from scratch
     config = make_config(args, model, seed, data_dir, model_dir)
     started = time.perf_counter()
-    trained = estimator_bridge.train(config)
+    trained = jobs.train(config)
     train_wall = time.perf_counter() - started
-    metrics = estimator_bridge.evaluate(dataclasses.replace(config, eval_split="test"))
+    metrics = jobs.evaluate(dataclasses.replace(config, eval_split="test"))
     published = PUBLISHED[model]
     accuracy = float(metrics["accuracy"])
     return {

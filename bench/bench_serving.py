@@ -1,7 +1,7 @@
 """Serving speed of an exported network: the SavedModel's ``serving_default`` signature.
 
-Trains the network briefly through ``estimator_bridge.train`` (``--train_steps``; or exports an
-existing checkpoint with ``--checkpoint_path``), exports it with ``estimator_bridge.export``,
+Trains the network briefly through ``jobs.train`` (``--train_steps``; or exports an
+existing checkpoint with ``--checkpoint_path``), exports it with ``jobs.export``,
 loads the SavedModel with ``tf.saved_model.load`` and calls ``serving_default`` on real test
 images (float32 ``[batch, 28, 28, 1]`` in [0, 1]):
 
@@ -36,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 
 import data_pipeline  # noqa: E402
 import estimator_bridge  # noqa: E402
+import jobs  # noqa: E402
 import keras_models  # noqa: E402
 
 SIGNATURE = "serving_default"
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def export_model(args, data_dir: str) -> Dict[str, Any]:
-    """Trains (unless --checkpoint_path) and exports; returns estimator_bridge.export's result."""
+    """Trains (unless --checkpoint_path) and exports; returns jobs.export's result."""
     base = os.path.join(args.work_dir, "serving", f"{args.model}-{args.precision}")
     model_dir = os.path.join(base, "model")
     config = estimator_bridge.Config(
@@ -104,8 +105,8 @@ def export_model(args, data_dir: str) -> Dict[str, Any]:
     if not args.checkpoint_path:
         shutil.rmtree(model_dir, ignore_errors=True)
         config.train_steps = args.train_steps
-        estimator_bridge.train(config)
-    return estimator_bridge.export(config)
+        jobs.train(config)
+    return jobs.export(config)
 
 
 def percentile(values_ms: List[float], q: float) -> float:

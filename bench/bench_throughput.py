@@ -4,7 +4,7 @@ For every network and batch size, three contenders train the same network from s
 same number of steps, in one process, in alternating rounds whose contender order rotates (so
 slow drift of the machine hits all of them alike):
 
-* ``bridge``: ``estimator_bridge.train`` with a fresh model_dir (the project's generic model_fn
+* ``bridge``: ``jobs.train`` with a fresh model_dir (the project's generic model_fn
   over the project's tf.data pipeline), timed by a ``StepTimerHook`` passed to ``train()``;
 * ``tutorial``: the tutorial's model_fn on its float-list records (``tutorial_baseline``), timed
   by the same hook, always float32;
@@ -52,6 +52,7 @@ import tutorial_baseline  # noqa: E402
 
 import data_pipeline  # noqa: E402
 import estimator_bridge  # noqa: E402
+import jobs  # noqa: E402
 import keras_models  # noqa: E402
 
 CONTENDERS = ("bridge", "tutorial", "fit")
@@ -153,7 +154,7 @@ def bridge_config(
 def run_bridge(args, data_dir: str, model: str, batch: int, model_dir: str) -> Dict[str, Any]:
     config = bridge_config(data_dir, model_dir, model, batch, args.steps, precision=args.precision)
     timer = benchlib.StepTimerHook(batch, args.warmup_steps)
-    estimator_bridge.train(config, hooks=[timer])
+    jobs.train(config, hooks=[timer])
     return _timed(timer)
 
 

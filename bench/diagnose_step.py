@@ -5,7 +5,7 @@ batch size, every variant trains from scratch for ``--steps`` steps, each run in
 in alternating rounds whose variant order rotates, and is timed like ``bench_throughput.py``'s
 bridge contender (the first ``--warmup_steps`` steps excluded, no checkpoint inside the window):
 
-* ``baseline``: ``estimator_bridge.train`` with the Config of ``bench_throughput``'s bridge;
+* ``baseline``: ``jobs.train`` with the Config of ``bench_throughput``'s bridge;
 * ``const_input``: the bridge's Estimator (``estimator_bridge.make_estimator``) fed one real batch,
   read once through the project's pipeline, repeated from memory: the input pipeline's share;
 * ``threads_1x1``, ``threads_1x2``, ``threads_2x2``: Config ``intra_op_threads``/
@@ -64,6 +64,7 @@ import tf_keras as keras  # noqa: E402
 
 import data_pipeline  # noqa: E402
 import estimator_bridge  # noqa: E402
+import jobs  # noqa: E402
 import keras_models  # noqa: E402
 
 FIRST_STEPS = 3  # start-up steps timed one by one
@@ -94,7 +95,7 @@ class Variant:
 VARIANTS: Dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("baseline", "estimator_bridge.train, as bench_throughput's bridge"),
+        Variant("baseline", "jobs.train, as bench_throughput's bridge"),
         Variant("const_input", "one constant in-memory batch, repeated, instead of the TFRecords"),
         Variant(
             "threads_1x1",
@@ -283,30 +284,30 @@ def bridge_config(args, data_dir: str, model_dir: str, **overrides) -> estimator
 
 
 def train_input_fn(config: estimator_bridge.Config) -> Callable[[], tf.data.Dataset]:
-    """The training input_fn that ``estimator_bridge.train`` builds for ``config``."""
-    return estimator_bridge._input_fn(config, "train", True)  # private, but the same one
+    """The training input_fn that ``jobs.train`` builds for ``config``."""
+    return estimator_bridge.make_input_fn(config, "train", True)  # private, but the same one
 
 
 def train_like_bridge(config, estimator, input_fn, hooks) -> None:
-    """``estimator.train`` the way ``estimator_bridge.train`` calls it, from a fresh model_dir.
+    """``estimator.train`` the way ``jobs.train`` calls it, from a fresh model_dir.
 
     The bridge's own progress and signal hooks run first, as there: the progress hook fetches
     the global step every step, which the comparison with ``baseline`` must include.
     """
-    progress = estimator_bridge.ProgressHook(
+    progress = jobs.ProgressHook(
         batch_size=config.batch_size,
         start_step=0,
         target_step=config.train_steps,
         every_n_steps=config.log_every_n_steps,
         progress_bar=config.progress,
     )
-    bridge_hooks = [progress, estimator_bridge.StopOnSignalHook()]
+    bridge_hooks = [progress, jobs.StopOnSignalHook()]
     with data_pipeline.translate_errors(config.data_dir):
         estimator.train(input_fn, max_steps=config.train_steps, hooks=[*bridge_hooks, *hooks])
 
 
 def _train_bridge(config, hooks, batch) -> None:
-    estimator_bridge.train(config, hooks=hooks)
+    jobs.train(config, hooks=hooks)
 
 
 def _train_const_input(config, hooks, batch) -> None:
@@ -321,7 +322,7 @@ def _train_generic_gru(config, hooks, batch) -> None:
     # The bridge calls this after building each Keras model; without it the GRUs keep the
     # per-step cell that Keras picks in a TF1 graph.
     with mock.patch.object(estimator_bridge, "_use_fused_recurrent_kernels", lambda model: None):
-        estimator_bridge.train(config, hooks=hooks)
+        jobs.train(config, hooks=hooks)
 
 
 def _train_patched_input(overrides: Mapping[str, Any] = (), options=None):
@@ -334,7 +335,7 @@ def _train_patched_input(overrides: Mapping[str, Any] = (), options=None):
 
     def trainer(config, hooks, batch) -> None:
         with mock.patch.object(data_pipeline.reader, "make_dataset", patched):
-            estimator_bridge.train(config, hooks=hooks)
+            jobs.train(config, hooks=hooks)
 
     return trainer
 
@@ -370,7 +371,7 @@ def _train_floor(config, hooks, batch) -> None:
 
 
 # ``trainer(config, hooks, batch)`` for the variants that do more than change the Config or the
-# environment of estimator_bridge.train.
+# environment of jobs.train.
 TRAINERS = {
     "const_input": _train_const_input,
     "generic_gru": _train_generic_gru,

@@ -17,6 +17,7 @@ from cli_helpers import assert_cli_error, run_main
 
 import data_pipeline
 import estimator_bridge
+import jobs
 import keras_models
 from estimator_bridge import EVAL, PREDICT, TRAIN
 
@@ -195,7 +196,7 @@ def cnn_config(mnist_data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_cnn(cnn_config):
-    result = estimator_bridge.train(cnn_config)
+    result = jobs.train(cnn_config)
     return cnn_config, result
 
 
@@ -204,7 +205,7 @@ def test_train_reaches_target_step_and_learns(trained_cnn):
     assert result["global_step"] == 60
     assert result["examples_per_sec"] > 0
     assert tf.train.latest_checkpoint(config.model_dir).endswith("model.ckpt-60")
-    metrics = estimator_bridge.evaluate(config)
+    metrics = jobs.evaluate(config)
     assert metrics["global_step"] == 60 and metrics["examples"] == 500
     assert metrics["accuracy"] > 0.7  # 60 steps of 64 real digits: far above chance (0.1)
     assert 0 < metrics["loss"] < 1.5
@@ -214,16 +215,16 @@ def test_train_reaches_target_step_and_learns(trained_cnn):
 
 
 def test_training_batches_are_full_and_static_evaluation_keeps_every_example(cnn_config):
-    train = estimator_bridge._input_fn(cnn_config, "train", training=True)()
+    train = estimator_bridge.make_input_fn(cnn_config, "train", training=True)()
     features, labels = train.element_spec
     assert features["image"].shape.as_list() == [64, 28, 28, 1] and labels.shape == [64]
     # Fewer records than one batch: they repeat before batching, so full batches still come.
     tiny = dataclasses.replace(cnn_config, train_limit=10)
-    _, labels = next(iter(estimator_bridge._input_fn(tiny, "train", training=True)()))
+    _, labels = next(iter(estimator_bridge.make_input_fn(tiny, "train", training=True)()))
     _, first_ten = next(iter(data_pipeline.make_dataset(tiny.data_dir, "train", 10, limit=10)))
     assert labels.shape == [64] and set(labels.numpy()) <= set(first_ten.numpy())
     # Evaluation keeps its short last batch: every one of the eval_limit examples is seen.
-    evaluation = estimator_bridge._input_fn(
+    evaluation = estimator_bridge.make_input_fn(
         dataclasses.replace(cnn_config, eval_batch_size=300), "test", training=False
     )()
     assert evaluation.element_spec[1].shape.as_list() == [None]
@@ -233,12 +234,12 @@ def test_training_batches_are_full_and_static_evaluation_keeps_every_example(cnn
 def test_rerun_resumes_and_stops_at_target(trained_cnn, tmp_path):
     config, _ = trained_cnn
     # Same target: nothing to do.
-    assert estimator_bridge.train(config)["global_step"] == 60
+    assert jobs.train(config)["global_step"] == 60
     # A copy of the model dir trained further resumes from 60, not from 0.
     model_dir = str(tmp_path / "resumed")
     shutil.copytree(config.model_dir, model_dir)
     further = dataclasses.replace(config, model_dir=model_dir, train_steps=70)
-    assert estimator_bridge.train(further)["global_step"] == 70
+    assert jobs.train(further)["global_step"] == 70
     steps = sorted(
         int(f.split("-")[1].split(".")[0]) for f in os.listdir(model_dir) if f.endswith(".index")
     )
@@ -267,7 +268,7 @@ def test_cli_evaluate_prints_json_for_both_splits(trained_cnn):
 def test_predict_writes_csv_and_plots(trained_cnn, tmp_path):
     config, _ = trained_cnn
     out = dataclasses.replace(config, output_dir=str(tmp_path / "pred"), plot=True)
-    result = estimator_bridge.predict(out)
+    result = jobs.predict(out)
     rows = np.genfromtxt(result["csv"], delimiter=",", names=True)
     assert len(rows) == 500 == result["examples"]
     np.testing.assert_array_equal(rows["index"], np.arange(500))
@@ -308,7 +309,7 @@ def test_checkpoint_of_another_network_is_one_line_and_nothing_is_written(traine
         config, model_params={"dense_units": 512}, export_dir=str(tmp_path / "export")
     )
     with pytest.raises(estimator_bridge.UsageError) as info:
-        estimator_bridge.export(narrow)
+        jobs.export(narrow)
     assert "dense1/kernel is [3136, 1024] there, the network's is [3136, 512]" in str(info.value)
     assert not os.path.exists(narrow.export_dir)
 
@@ -318,9 +319,9 @@ def test_checkpoint_of_another_network_is_one_line_and_nothing_is_written(traine
     before = sorted(os.listdir(model_dir))
     wrong = dataclasses.replace(config, model="cnn_rnn", model_dir=model_dir, train_steps=70)
     with pytest.raises(estimator_bridge.UsageError, match="does not fit --model=cnn_rnn"):
-        estimator_bridge.train(wrong)
+        jobs.train(wrong)
     with pytest.raises(estimator_bridge.UsageError, match="does not fit --model=cnn_rnn"):
-        estimator_bridge.train_and_evaluate(wrong)
+        jobs.train_and_evaluate(wrong)
     assert sorted(os.listdir(model_dir)) == before
 
 
@@ -344,7 +345,7 @@ def test_unreadable_checkpoint_is_one_line(trained_cnn, tmp_path):
 def exported_cnn(trained_cnn):
     config, _ = trained_cnn
     keras_path = os.path.join(os.path.dirname(config.model_dir), "cnn.keras")
-    result = estimator_bridge.export(dataclasses.replace(config, keras_output=keras_path))
+    result = jobs.export(dataclasses.replace(config, keras_output=keras_path))
     return config, result
 
 
@@ -432,8 +433,8 @@ def test_exported_rnn_serves_the_fused_gru_on_cpu(mnist_data_dir, real_batch, tm
         seed=3,
         progress=False,
     )
-    estimator_bridge.train(config)
-    path = estimator_bridge.export(config)["saved_model"]
+    jobs.train(config)
+    path = jobs.export(config)["saved_model"]
     expected = _estimator_probabilities(config, images)
     np.save(tmp_path / "images.npy", images)
     script = f"""
@@ -463,7 +464,7 @@ def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
         train_steps=1,
         learning_rate=1e-12,
     )
-    assert estimator_bridge.train(warm)["global_step"] == 1
+    assert jobs.train(warm)["global_step"] == 1
     np.testing.assert_allclose(_estimator_probabilities(warm, images), expected, atol=1e-4)
 
 
@@ -491,7 +492,7 @@ def test_train_and_evaluate_exports_the_best_checkpoint(mnist_data_dir, tmp_path
         seed=2,
         progress=False,
     )
-    result = estimator_bridge.train_and_evaluate(config)
+    result = jobs.train_and_evaluate(config)
     assert result["global_step"] == 40 and result["split"] == "test"
     assert 0.3 < result["accuracy"] <= 1
     versions = os.listdir(result["best_export_dir"])

@@ -166,11 +166,12 @@ import distribution
 distribution.split_cpu(2)  # before anything initialises TensorFlow's runtime
 tfenv.silence_python_logging()
 import estimator_bridge as bridge
+import jobs
 
 config = bridge.Config(**json.loads(sys.argv[1]))
 devices = distribution.local_devices()
-trained = bridge.train(config)
-evaluated = bridge.evaluate(config)
+trained = jobs.train(config)
+evaluated = jobs.evaluate(config)
 keys = sorted(name for name, _ in __import__("tensorflow").train.list_variables(config.model_dir))
 print(json.dumps({"devices": devices, "train": trained, "eval": evaluated, "keys": keys}))
 """

@@ -9,7 +9,7 @@ How TF 2.15's Estimator exports (``Estimator._export_all_saved_models``): it pic
 ``EXPORT_DIR/<unix seconds>``, writes the whole SavedModel into the sibling
 ``EXPORT_DIR/temp-<unix seconds>`` (variables first, ``saved_model.pb`` last) and renames the temp
 folder onto the numeric name with one ``gfile.Rename`` (``rename(2)``, atomic on a local file
-system). ``estimator_bridge.export`` saves the ``.keras`` file as ``<name>.tmp.keras`` and
+system). ``jobs.export`` saves the ``.keras`` file as ``<name>.tmp.keras`` and
 ``os.replace``-s it. Killed mid-way, only the ``temp-*`` folder or ``*.tmp.keras`` file remains.
 """
 
@@ -544,9 +544,10 @@ def test_cli_prepare_bad_source(tmp_path, case):
 def trained_model_dir(tmp_path_factory, mnist_data_dir):
     """A cnn trained for 5 steps of 16 on the session's shards (a checkpoint to evaluate/export)."""
     import estimator_bridge
+    import jobs
 
     model_dir = tmp_path_factory.mktemp("cnn_model")
-    estimator_bridge.train(
+    jobs.train(
         estimator_bridge.Config(
             model="cnn",
             data_dir=str(mnist_data_dir),

@@ -20,7 +20,7 @@ Task entry points (``--entry``):
 * ``estimator`` (default): ``tf.estimator.train_and_evaluate`` on
   ``estimator_bridge.make_estimator`` with the bridge's input, hook and exporter, run by
   ``python tools/run_cluster.py task '<config json>'``;
-* ``bridge``: ``estimator_bridge.train_and_evaluate(Config(...))`` in the same wrapper;
+* ``bridge``: ``jobs.train_and_evaluate(Config(...))`` in the same wrapper;
 * ``main``: ``python main.py --mode=train_and_evaluate --distribution=...`` (needs the
   ``--distribution`` flag in ``flags.py``/``main.py``).
 """
@@ -257,19 +257,20 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
 
     import data_pipeline
     import estimator_bridge as bridge
+    import jobs
 
     config = bridge.Config(**json.loads(config_json))
     task = distribution.current_task()
     started = time.monotonic()
     if entry == "bridge":
-        result = bridge.train_and_evaluate(config)
+        result = jobs.train_and_evaluate(config)
     else:
         config.validate()
         spec = data_pipeline.load_spec(config.data_dir)
         estimator = bridge.make_estimator(config, spec)
         target = bridge.target_step(config, spec)
         split = "train" if config.eval_split == "train" else "test"
-        hook = bridge.ProgressHook(
+        hook = jobs.ProgressHook(
             batch_size=config.batch_size,
             start_step=bridge._global_step(config.model_dir),
             target_step=target,
