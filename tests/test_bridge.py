@@ -479,6 +479,21 @@ def test_summaries_reach_tensorboard(trained_cnn):
     assert any(tag.startswith("input_images/image/") for tag in tags)
 
 
+def test_conv1_feature_maps_are_a_grid_in_tensorboard(trained_cnn):
+    config, _ = trained_cnn
+    images = []
+    for path in tf.io.gfile.glob(os.path.join(config.model_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            images += [v.image for v in event.summary.value if v.tag == "conv1_feature_maps/image"]
+    assert images
+    # 32 maps of 28 x 28 in 4 rows of 8, a one-pixel line between them (not a 28 x 896 strip).
+    assert {(image.height, image.width) for image in images} == {(4 * 29 - 1, 8 * 29 - 1)}
+    pixels = tf.io.decode_png(images[0].encoded_image_string).numpy()
+    assert pixels.shape == (115, 231, 1)
+    assert (pixels[28, :, 0] == 255).all() and (pixels[:, 28, 0] == 255).all()  # the grid lines
+    assert len(np.unique(pixels[:28, :28])) > 10  # a real feature map in the first tile
+
+
 def test_train_and_evaluate_exports_the_best_checkpoint(mnist_data_dir, tmp_path):
     config = estimator_bridge.Config(
         model="cnn",
