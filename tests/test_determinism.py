@@ -30,14 +30,9 @@ def _differing(a, b):
 
 
 def _train(data_dir, model_dir, **overrides):
+    settings = {"batch_size": 16, "train_steps": 3, "train_limit": 500, "progress": False}
     config = estimator_bridge.Config(
-        data_dir=str(data_dir),
-        model_dir=str(model_dir),
-        batch_size=16,
-        train_steps=3,
-        train_limit=500,
-        progress=False,
-        **overrides,
+        data_dir=str(data_dir), model_dir=str(model_dir), **{**settings, **overrides}
     )
     jobs.train(config)
     return _checkpoint(model_dir)
