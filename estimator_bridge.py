@@ -419,14 +419,13 @@ def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> N
         tf.compat.v1.summary.image("conv1_feature_maps", feature_map_grid(conv1), max_outputs=1)
 
 
-FEATURE_MAP_COLUMNS = 8  # as the conv1 plot of --mode=predict --plot
-
-
 def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
     """The first example's feature maps as one image ``[1, H, W, 1]``, min-max scaled.
 
-    Conv2D maps ``[batch, h, w, c]`` are tiled row by row, ``FEATURE_MAP_COLUMNS`` to a row
-    (32 maps: a 4 x 8 grid), with a one-pixel white line between tiles; Conv1D maps
+    Conv2D maps ``[batch, h, w, c]`` are tiled row by row in a near-square grid (32 maps of
+    28 x 28: 6 x 6 tiles, the last 4 blank, 173 x 173 pixels), with a one-pixel white line
+    between tiles: TensorBoard's image card fits a square, where a 4 x 8 grid lost its last
+    column to a scroll bar and the old 28 x 896 strip was unreadable. Conv1D maps
     ``[batch, t, c]`` are shown as one ``t x c`` image.
     """
     maps = tf.cast(feature_maps[0], tf.float32)
@@ -434,8 +433,8 @@ def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
     maps = maps / (tf.reduce_max(maps) + 1e-6)
     if maps.shape.rank == 3:
         channels = int(maps.shape[-1])
-        columns = min(FEATURE_MAP_COLUMNS, channels)
-        rows = -(-channels // columns)
+        columns = math.ceil(math.sqrt(channels))
+        rows = math.ceil(channels / columns)
         height, width = tf.shape(maps)[0] + 1, tf.shape(maps)[1] + 1
         # [c, h, w] with a white line below and right of each map, blank tiles to fill the grid.
         tiles = tf.pad(
