@@ -78,7 +78,9 @@ class Config:
         precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss).
         augment: Random shifts of up to ``augment_shift`` pixels on training images.
         augment_shift: Largest shift, in pixels.
-        seed: Graph-level and shuffle seed; ``None`` for non-deterministic runs.
+        seed: Seeds every random choice (initial weights, dropout, input order, augmentation):
+            two runs with the same seed write bit-identical checkpoints, resumed or not (on
+            one machine, ``distribution="none"``). ``None``: a different run every time.
         checkpoint_path: Checkpoint (prefix or folder) for evaluate/predict/export.
         eval_split: ``train``, ``test`` or ``both``.
         eval_limit: Evaluate/predict only the first N examples of the split.
