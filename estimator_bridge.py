@@ -537,7 +537,8 @@ def make_input_fn(config: Config, split: str, training: bool):
             limit=config.train_limit,
             augment_shift=config.augment_shift if config.augment else 0,
         )
-        if config.seed is not None and config.distribution == "none":
+        on_a_cluster = config.distribution != "none" or distribution.current_task()["cluster"]
+        if config.seed is not None and not on_a_cluster:
             return _skipping_consumed_batches(input_fn, config.model_dir)
         return input_fn
     return data_pipeline.make_input_fn(

@@ -57,6 +57,8 @@ def check_paths(config: Config, mode: str) -> None:
 
 def check_input_dir(path: str, flag: str) -> None:
     """A folder that is read must not be a file (a missing one is the reader's to report)."""
+    if _is_url(path):
+        return
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         raise UsageError(_in_the_way(path, flag, existing, path, "read"))
@@ -71,6 +73,8 @@ def check_output_dir(path: str, flag: str, value: Optional[str] = None) -> None:
         value: The flag's value, when it is not the folder itself (a file in it).
     """
     value = value or path
+    if _is_url(path):
+        return
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         raise UsageError(_in_the_way(path, flag, existing, value, "written"))
@@ -80,6 +84,11 @@ def check_output_dir(path: str, flag: str, value: Optional[str] = None) -> None:
             f"{flag}={value} cannot be written{where}: no write permission or a read-only file "
             "system; pass a writable path"
         )
+
+
+def _is_url(path: str) -> bool:
+    """``gs://``, ``s3://``, ... paths go through TensorFlow's file systems: not checked here."""
+    return "://" in str(path)
 
 
 def _nearest_existing(path: str) -> str:
@@ -204,7 +213,8 @@ def trainer_lock(model_dir: str, task: Optional[dict] = None) -> Iterator[None]:
     writes checkpoints takes the lock (the chief, or worker 0 of a cluster without one).
 
     ``flock`` holds between processes of one host; on shared storage, whether it holds across
-    hosts depends on the file system (NFSv4 and Lustre, for instance, forward it).
+    hosts depends on the file system (NFSv4 and Lustre, for instance, forward it). A model dir
+    given as a URL (``gs://...``) is not locked.
 
     Args:
         model_dir: The model dir; created if missing.
@@ -214,7 +224,7 @@ def trainer_lock(model_dir: str, task: Optional[dict] = None) -> Iterator[None]:
         import distribution
 
         task = distribution.current_task()
-    if not _writes_checkpoints(task):
+    if _is_url(model_dir) or not _writes_checkpoints(task):
         yield
         return
     os.makedirs(model_dir, exist_ok=True)

@@ -350,3 +350,12 @@ def test_cpu_flags_come_from_proc_cpuinfo(tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
     assert preflight.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512_bf16"}
     assert preflight.cpu_flags(str(tmp_path / "missing")) is None
+
+
+def test_urls_are_left_to_tensorflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = estimator_bridge.Config(model_dir="gs://bucket/models/cnn", data_dir="gs://bucket/d")
+    preflight.check_paths(config, "train")
+    with preflight.trainer_lock(config.model_dir, {"type": None, "index": 0, "cluster": {}}):
+        pass
+    assert os.listdir(tmp_path) == []  # no local "gs:" folder, no lock file
