@@ -230,7 +230,12 @@ def trainer_lock(model_dir: str, task: Optional[dict] = None) -> Iterator[None]:
         return
     os.makedirs(model_dir, exist_ok=True)
     path = os.path.join(model_dir, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:  # e.g. a lock file of another user
+        raise UsageError(
+            f"cannot open {path} ({error.strerror}); check it or pass another --model_dir"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -359,3 +359,10 @@ def test_urls_are_left_to_tensorflow(tmp_path, monkeypatch):
     with preflight.trainer_lock(config.model_dir, {"type": None, "index": 0, "cluster": {}}):
         pass
     assert os.listdir(tmp_path) == []  # no local "gs:" folder, no lock file
+
+
+def test_lock_file_that_cannot_be_opened_is_one_line(tmp_path):
+    (tmp_path / preflight.LOCK_NAME).mkdir()  # as root, a folder is what cannot be opened
+    with pytest.raises(estimator_bridge.UsageError, match="cannot open .*Is a directory"):
+        with preflight.trainer_lock(str(tmp_path), {"type": None, "index": 0, "cluster": {}}):
+            pass
