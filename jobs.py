@@ -40,6 +40,7 @@ def train(
         ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
     """
     _preflight(config, "train")
+    bridge.check_resumable(config)  # reads only: a refused resume writes nothing, not even a lock
     with preflight.trainer_lock(config.model_dir):
         return _train(config, hooks)
 
@@ -53,7 +54,6 @@ def _preflight(config: bridge.Config, mode: str) -> None:
 
 def _train(config: bridge.Config, hooks: Sequence[tf.estimator.SessionRunHook]) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
-    bridge.check_resumable(config)
     warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
@@ -154,13 +154,13 @@ def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
         The final evaluation metrics (scalars only) and where the best export went.
     """
     _preflight(config, "train_and_evaluate")
+    bridge.check_resumable(config)
     with preflight.trainer_lock(config.model_dir):
         return _train_and_evaluate(config)
 
 
 def _train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
-    bridge.check_resumable(config)
     warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)

@@ -272,7 +272,7 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
         split = "train" if config.eval_split == "train" else "test"
         hook = jobs.ProgressHook(
             batch_size=config.batch_size,
-            start_step=bridge._global_step(config.model_dir),
+            start_step=bridge.global_step_of(config.model_dir),
             target_step=target,
             every_n_steps=config.log_every_n_steps,
             progress_bar=False,
@@ -280,10 +280,10 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
         exporter = tf.estimator.BestExporter(
             name="best",
             serving_input_receiver_fn=bridge.serving_input_receiver_fn(spec),
-            compare_fn=bridge._higher_accuracy,
+            compare_fn=jobs._higher_accuracy,
             exports_to_keep=3,
         )
-        train_input_fn = bridge._input_fn(config, "train", True)
+        train_input_fn = bridge.make_input_fn(config, "train", True)
         pipeline: Dict[str, int] = {}
 
         def recording_input_fn(input_context=None):
@@ -309,7 +309,7 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
             recording_input_fn, max_steps=target, hooks=[hook, counter]
         )
         eval_spec = tf.estimator.EvalSpec(
-            bridge._input_fn(config, split, False),
+            bridge.make_input_fn(config, split, False),
             steps=None,
             name=split,
             exporters=[exporter],
@@ -321,7 +321,7 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
             outcome = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
         metrics = outcome[0] if outcome else None
         result = {k: float(v) for k, v in (metrics or {}).items() if getattr(v, "ndim", 0) == 0}
-        result["global_step"] = bridge._global_step(config.model_dir)
+        result["global_step"] = bridge.global_step_of(config.model_dir)
         result["local_steps"] = counter.steps
         result["input_context"] = pipeline or None
     return {
