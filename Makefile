@@ -1,6 +1,8 @@
 # `make demo` and `make test` set themselves up: they create .venv/ with the pinned dependencies
 # when it is missing (or when setup.cfg changed), then run.
-PYTHON ?= $(shell command -v python3.11 || command -v python3.10 || command -v python3.9 || echo python3)
+# .venv's Python: PYTHON=... if given, else python3.11/3.10/3.9/python3 if one is 3.9-3.11, else a
+# Python 3.11 from uv; with none of these, one line saying how to get one (tools/find_python.sh).
+PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -26,10 +28,19 @@ RUN = $(PY) main.py --model=$(MODEL) --data_dir=$(DATA_DIR) --model_dir=$(MODEL_
 
 setup: $(STAMP)
 
+# Expanded only when the recipe runs, and the search only when .venv has no Python yet. A venv
+# made by uv has no pip: uv installs into it.
+VENV_PYTHON = $(shell PYTHON='$(PYTHON)' sh tools/find_python.sh)
+make_venv = $(if $(filter error:,$(firstword $(1))),$(error $(wordlist 2,999,$(1))),$(if \
+	$(filter uv,$(1)),uv venv --python 3.11 $(VENV),$(1) -m venv $(VENV)))
+
 $(STAMP): setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,plot]'
+	$(if $(wildcard $(PY)),,$(call make_venv,$(VENV_PYTHON)))
+	if $(PY) -m pip --version >/dev/null 2>&1; then \
+		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e '.[test,plot]'; \
+	else \
+		uv pip install --quiet --python $(PY) -e '.[test,plot]'; \
+	fi
 	touch $(STAMP)
 
 # The main job: prepare MNIST, train one epoch, evaluate on test, export, predict with plots.

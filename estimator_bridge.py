@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import tensorflow as tf
 import tf_keras as keras
+from tf_keras.src import backend as keras_backend  # RandomGenerator has no public name
 
 import data_pipeline
 import distribution
@@ -77,7 +78,9 @@ class Config:
         precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss).
         augment: Random shifts of up to ``augment_shift`` pixels on training images.
         augment_shift: Largest shift, in pixels.
-        seed: Graph-level and shuffle seed; ``None`` for non-deterministic runs.
+        seed: Seeds every random choice (initial weights, dropout, input order, augmentation):
+            two runs with the same seed write bit-identical checkpoints, resumed or not (on
+            one machine, ``distribution="none"``). ``None``: a different run every time.
         checkpoint_path: Checkpoint (prefix or folder) for evaluate/predict/export.
         eval_split: ``train``, ``test`` or ``both``.
         eval_limit: Evaluate/predict only the first N examples of the split.
@@ -200,7 +203,10 @@ def model_fn(features, labels, mode, params):
 def _model_fn(features, labels, mode, params):
     images = features["image"]
     training = mode == TRAIN
+    _seed_initializers(params.get("seed"))
     model = _build_model(params)
+    if training and params.get("seed") is not None:
+        _seed_random_layers_by_step(model, params["seed"])
     # One call of a multi-output view of the same layers gives the logits and, for free, every
     # named intermediate tensor (the tutorial listed conv1, pool1, ... by hand).
     layer_outputs = _layer_outputs_model(model)(images, training=training)
@@ -254,6 +260,50 @@ def _build_model(params: Mapping[str, Any]) -> keras.Model:
         model = builder(**params.get("model_params", {}))
     _use_fused_recurrent_kernels(model)
     return model
+
+
+def _seed_initializers(seed: Optional[int]) -> None:
+    """Makes the Keras initialisers of the next build draw from ``seed``.
+
+    A tf_keras 2.15 initialiser built with ``seed=None`` (every layer default, and each block of
+    ``keras_models.GateOrthogonal``) runs a *stateless* op whose seed it takes, when first
+    called, from Keras's own seed generator, else from Python's unseeded ``random``: the graph
+    seed (``RunConfig.tf_random_seed``) never reaches it, so two runs with the same ``--seed``
+    started from different weights. ``keras.utils.set_random_seed`` seeds that generator (and
+    the graph, Python and NumPy seeds); layers are built in a fixed order, so each initialiser
+    gets the same seed on every run.
+    """
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
+
+
+class _StepSeededGenerator(keras_backend.RandomGenerator):
+    """Stateless draws keyed on (seed, layer, replica, global step) instead of a stateful stream.
+
+    A stateful random op (what Keras' Dropout uses in a graph) restarts its stream in every new
+    session, so a resumed run would repeat the first run's dropout masks; keyed on the global
+    step, step N draws the same mask whether or not the run was resumed before it.
+    """
+
+    def __init__(self, seed: int, layer_index: int):
+        super().__init__(seed=seed, rng_type=self.RNG_STATELESS)
+        self._layer_index = layer_index
+
+    def make_seed_for_stateless_op(self):
+        self._maybe_init()
+        replica = tf.distribute.get_replica_context()
+        replica_id = replica.replica_id_in_sync_group if replica else 0
+        key = tf.constant([self._seed, self._layer_index], tf.int64)
+        key = tf.random.experimental.stateless_fold_in(key, replica_id)
+        step = tf.compat.v1.train.get_global_step()
+        return tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
+
+
+def _seed_random_layers_by_step(model: keras.Model, seed: int) -> None:
+    """Gives every random layer (Dropout, GaussianNoise, ...) a step-keyed stateless generator."""
+    for index, layer in enumerate(model.submodules):
+        if isinstance(getattr(layer, "_random_generator", None), keras_backend.RandomGenerator):
+            layer._random_generator = _StepSeededGenerator(seed, index)  # private: see the class
 
 
 def _use_fused_recurrent_kernels(model: keras.Model) -> None:
@@ -374,14 +424,29 @@ def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> N
 def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
     """The first example's feature maps as one image ``[1, H, W, 1]``, min-max scaled.
 
-    Conv2D maps ``[batch, h, w, c]`` are tiled side by side; Conv1D maps ``[batch, t, c]`` are
-    shown as a ``t x c`` image.
+    Conv2D maps ``[batch, h, w, c]`` are tiled row by row in a near-square grid (32 maps of
+    28 x 28: 6 x 6 tiles, the last 4 blank, 173 x 173 pixels), with a one-pixel white line
+    between tiles: TensorBoard's image card fits a square, where a 4 x 8 grid lost its last
+    column to a scroll bar and the old 28 x 896 strip was unreadable. Conv1D maps
+    ``[batch, t, c]`` are shown as one ``t x c`` image.
     """
     maps = tf.cast(feature_maps[0], tf.float32)
-    if maps.shape.rank == 3:  # [h, w, c] -> [h, w * c]
-        maps = tf.reshape(tf.transpose(maps, [0, 2, 1]), [tf.shape(maps)[0], -1])
     maps = maps - tf.reduce_min(maps)
     maps = maps / (tf.reduce_max(maps) + 1e-6)
+    if maps.shape.rank == 3:
+        channels = int(maps.shape[-1])
+        columns = math.ceil(math.sqrt(channels))
+        rows = math.ceil(channels / columns)
+        height, width = tf.shape(maps)[0] + 1, tf.shape(maps)[1] + 1
+        # [c, h, w] with a white line below and right of each map, blank tiles to fill the grid.
+        tiles = tf.pad(
+            tf.transpose(maps, [2, 0, 1]),
+            [[0, rows * columns - channels], [0, 1], [0, 1]],
+            constant_values=1.0,
+        )
+        grid = tf.reshape(tiles, [rows, columns, height, width])
+        grid = tf.reshape(tf.transpose(grid, [0, 2, 1, 3]), [rows * height, columns * width])
+        maps = grid[:-1, :-1]
     return maps[tf.newaxis, :, :, tf.newaxis]
 
 
@@ -418,6 +483,7 @@ def make_estimator(
         "decay_steps": target_step(config, spec),
         "precision": config.precision,
         "intermediates": intermediates,
+        "seed": config.seed,
     }
     session_config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=config.intra_op_threads,
@@ -457,7 +523,7 @@ def target_step(config: Config, spec=None) -> int:
 def make_input_fn(config: Config, split: str, training: bool):
     """The Estimator ``input_fn`` for ``split``: shuffled, repeated full batches when training."""
     if training:
-        return data_pipeline.make_input_fn(
+        input_fn = data_pipeline.make_input_fn(
             config.data_dir,
             "train",
             config.batch_size,
@@ -471,9 +537,30 @@ def make_input_fn(config: Config, split: str, training: bool):
             limit=config.train_limit,
             augment_shift=config.augment_shift if config.augment else 0,
         )
+        on_a_cluster = config.distribution != "none" or distribution.current_task()["cluster"]
+        if config.seed is not None and not on_a_cluster:
+            return _skipping_consumed_batches(input_fn, config.model_dir)
+        return input_fn
     return data_pipeline.make_input_fn(
         config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
     )
+
+
+def _skipping_consumed_batches(input_fn, model_dir: str):
+    """``input_fn`` whose dataset starts after the batches the checkpoint has already trained on.
+
+    A seeded pipeline yields the same batches in the same order on every run, but it restarts
+    from its first batch when training resumes. Skipping ``global_step`` batches (read through
+    the pipeline, so the shuffles and the augmentation draws advance exactly as they did) makes a
+    resumed run see what an uninterrupted one would have. On a cluster the workers share the
+    global step, so there the pipeline simply restarts.
+    """
+
+    def skipping_input_fn(input_context=None):
+        dataset = input_fn(input_context)
+        return dataset.skip(global_step_of(model_dir))
+
+    return skipping_input_fn
 
 
 def global_step_of(model_dir: str) -> int:

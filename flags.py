@@ -42,7 +42,9 @@ def define_flags() -> None:
     f.DEFINE_enum(
         "precision", "float32", ("float32", "mixed_bfloat16"), "Compute dtype (variables f32)."
     )
-    f.DEFINE_integer("seed", None, "Random seed; set it for deterministic input order.")
+    f.DEFINE_integer(
+        "seed", None, "Seed everything random: reruns write bit-identical checkpoints."
+    )
     f.DEFINE_string("warm_start_from", None, "Keras weights file (.keras/.h5) to start from.")
     f.DEFINE_integer("save_checkpoints_steps", 500, "Checkpoint every N steps.")
     f.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.")

@@ -23,6 +23,7 @@ import tf_keras as keras
 
 import data_pipeline
 import estimator_bridge as bridge
+import preflight
 
 
 def train(
@@ -38,9 +39,21 @@ def train(
     Returns:
         ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
     """
+    _preflight(config, "train")
+    bridge.check_resumable(config)  # reads only: a refused resume writes nothing, not even a lock
+    with preflight.trainer_lock(config.model_dir):
+        return _train(config, hooks)
+
+
+def _preflight(config: bridge.Config, mode: str) -> None:
+    """What every job checks before it builds or writes anything."""
     config.validate()
+    preflight.check_paths(config, mode)
+    preflight.warn_if_bf16_is_emulated(config.precision)
+
+
+def _train(config: bridge.Config, hooks: Sequence[tf.estimator.SessionRunHook]) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
-    bridge.check_resumable(config)
     warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
@@ -97,7 +110,7 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
         "checkpoint", "confusion_matrix"}``; for ``both``, ``{"split": "both", "global_step",
         "checkpoint", "train": {...}, "test": {...}}``.
     """
-    config.validate()
+    _preflight(config, "evaluate")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint)
@@ -140,9 +153,14 @@ def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
     Returns:
         The final evaluation metrics (scalars only) and where the best export went.
     """
-    config.validate()
-    spec = data_pipeline.load_spec(config.data_dir)
+    _preflight(config, "train_and_evaluate")
     bridge.check_resumable(config)
+    with preflight.trainer_lock(config.model_dir):
+        return _train_and_evaluate(config)
+
+
+def _train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
+    spec = data_pipeline.load_spec(config.data_dir)
     warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
@@ -196,7 +214,7 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     Returns:
         ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
     """
-    config.validate()
+    _preflight(config, "predict")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     model = bridge.check_checkpoint_fits(config, checkpoint)
@@ -300,7 +318,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     Returns:
         ``{"saved_model", "checkpoint", "keras"}``.
     """
-    config.validate()
+    _preflight(config, "export")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint)

@@ -62,6 +62,9 @@ def run() -> dict:
     """Runs the job named by --mode and returns its result."""
     if FLAGS.mode == "prepare":
         import data_pipeline
+        import preflight
+
+        preflight.check_output_dir(FLAGS.data_dir, "--data_dir")
 
         spec = data_pipeline.prepare(
             FLAGS.data_dir,

@@ -54,6 +54,7 @@ import data_pipeline  # noqa: E402
 import estimator_bridge  # noqa: E402
 import jobs  # noqa: E402
 import keras_models  # noqa: E402
+import preflight  # noqa: E402
 
 CONTENDERS = ("bridge", "tutorial", "fit")
 NO_CHECKPOINTS = 10**9  # save_checkpoints_steps: only the step-0 and final saves happen
@@ -356,6 +357,7 @@ def main(argv=None) -> int:
     benchlib.print_header(
         "training throughput: estimator_bridge vs tutorial model_fn vs Keras fit", command, info
     )
+    preflight.warn_if_bf16_is_emulated(args.precision, stream=sys.stdout)
     os.makedirs(args.work_dir, exist_ok=True)
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)
     record_dir = os.path.join(args.work_dir, "tutorial_records")

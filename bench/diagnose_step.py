@@ -16,6 +16,7 @@ bridge contender (the first ``--warmup_steps`` steps excluded, no checkpoint ins
   GRUs run their generic per-step cell (networks with recurrent layers only);
 * ``dynamic_batch``: the training pipeline built with ``drop_remainder=False``, so the batch
   dimension is unknown to the graph (as the bridge had it before);
+* ``seeded``: Config ``seed=0``, the price of a reproducible run (the baseline is unseeded);
 * ``tfdata_1thread``: the training pipeline on a private tf.data pool of one thread;
 * ``tfdata_no_autotune``: the training pipeline with tf.data's autotuning off;
 * ``estimator_floor``: an Estimator over one scalar variable on the same input pipeline, batch,
@@ -124,6 +125,11 @@ VARIANTS: Dict[str, Variant] = {
             recurrent_only=True,
         ),
         Variant("dynamic_batch", "training batches without a static batch dimension"),
+        Variant(
+            "seeded",
+            "--seed=0: seeded initialisers, step-keyed dropout, tf.data in a fixed order",
+            config={"seed": 0},
+        ),
         Variant("tfdata_1thread", "tf.data on a private pool of one thread"),
         Variant("tfdata_no_autotune", "tf.data autotuning off (fixed parallelism and buffers)"),
         Variant(

@@ -479,6 +479,22 @@ def test_summaries_reach_tensorboard(trained_cnn):
     assert any(tag.startswith("input_images/image/") for tag in tags)
 
 
+def test_conv1_feature_maps_are_a_grid_in_tensorboard(trained_cnn):
+    config, _ = trained_cnn
+    images = []
+    for path in tf.io.gfile.glob(os.path.join(config.model_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            images += [v.image for v in event.summary.value if v.tag == "conv1_feature_maps/image"]
+    assert images
+    # 32 maps of 28 x 28 in a square of 6 x 6 tiles, a one-pixel line between them (not the
+    # 28 x 896 strip it was).
+    assert {(image.height, image.width) for image in images} == {(6 * 29 - 1, 6 * 29 - 1)}
+    pixels = tf.io.decode_png(images[0].encoded_image_string).numpy()
+    assert pixels.shape == (173, 173, 1)
+    assert (pixels[28, :, 0] == 255).all() and (pixels[:, 28, 0] == 255).all()  # the grid lines
+    assert len(np.unique(pixels[:28, :28])) > 10  # a real feature map in the first tile
+
+
 def test_train_and_evaluate_exports_the_best_checkpoint(mnist_data_dir, tmp_path):
     config = estimator_bridge.Config(
         model="cnn",
