@@ -432,16 +432,6 @@ class DatasetSpec:
                         f"shard {shard.file!r:.80} says {shard.num_records} records, more than its "
                         f"{shard.num_bytes} bytes can hold"
                     )
-                if self.compression is None and shard.num_records:
-                    # Uncompressed records have a size fixed by the image shape (up to the
-                    # label's varint), so a spec lying about the shape is caught here.
-                    low, high = (shard.num_records * size for size in record_size_range(image))
-                    if not low <= shard.num_bytes <= high:
-                        raise bad(
-                            f"shard {shard.file!r:.80} has {shard.num_bytes} bytes, which cannot "
-                            f"hold {shard.num_records} records of image_shape "
-                            f"{list(self.image_shape)} ({low}..{high} bytes)"
-                        )
                 if not _plain_name(shard.file):
                     raise bad(f"shard name {shard.file!r} must be a plain file name")
         for split, manifest in self.manifests.items():
@@ -473,6 +463,35 @@ class DatasetSpec:
                 fix=_FIX_PREPARE,
             )
         return names
+
+    def check_record_size(self) -> None:
+        """Checks the first record of each split's first shard against ``image_shape``.
+
+        Reads 8 bytes per split (TFRecord's length field; uncompressed shards only), so a spec
+        whose image shape differs from the records' fails on loading, not deep inside training.
+
+        Raises:
+            DataError: Naming the spec, the shard and the sizes.
+        """
+        if self.compression is not None:
+            return
+        low, high = (size - 16 for size in record_size_range(self.features["image"]))
+        for split in self.splits:
+            path = self.files(split)[0]
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+            except OSError as e:
+                raise DataError(f"cannot read ({e})", path=path, fix=_FIX_PREPARE) from e
+            if len(head) == 8 and not low <= int.from_bytes(head, "little") <= high:
+                raise DataError(
+                    f"image_shape {list(self.image_shape)} does not match the records: the "
+                    f"first record of {os.path.basename(path)} has "
+                    f"{int.from_bytes(head, 'little')} bytes, not {low}..{high} (or the shard "
+                    "is corrupt)",
+                    path=os.path.join(self.data_dir, SPEC_NAME),
+                    fix=_FIX_PREPARE,
+                )
 
     def check_files(self) -> None:
         """Checks that every listed shard exists with the recorded size (a cheap stat each).
@@ -539,6 +558,7 @@ def load_spec(data_dir: PathLike, *, check_records: bool = False) -> DatasetSpec
         raise DataError("not a JSON object", path=path, fix=_FIX_PREPARE)
     spec = DatasetSpec.from_json(obj, data_dir)
     spec.check_files()
+    spec.check_record_size()
     if check_records:
         from data_pipeline.checks import check_shards
 

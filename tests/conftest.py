@@ -15,7 +15,6 @@ import data_pipeline
 tfenv.silence_python_logging()
 
 
-
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
     """The real MNIST IDX folder named by $MNIST_DIR."""
