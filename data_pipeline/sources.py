@@ -48,7 +48,7 @@ IDX_NAMES = {
     ("test", "labels"): ("t10k-labels-idx1-ubyte",),
 }
 # Decoded images handed to the writer at once: bounds prepare's memory, whatever the dataset.
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 _BLOCK = 1 << 20
 NPZ_NAME = "mnist.npz"
 NPZ_KEYS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test")}

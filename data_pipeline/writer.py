@@ -273,7 +273,7 @@ def prepare(
         overwrite: Rewrite even if the folder already holds matching complete (or partly
             written) output, and replace output prepared from another source or with other
             settings.
-        progress: Show a tqdm progress bar on stderr.
+        progress: Show a tqdm progress bar on stderr (when it is a terminal).
         allow_download: Allow the tf_keras download of MNIST when no local source is found.
         source: An already opened source (skips ``source_dir`` resolution).
         shard_mb: Instead of ``records_per_shard``: shards of about this many MB. With neither,
@@ -392,7 +392,8 @@ def _write_all(
         unit="ex",
         desc="prepare",
         file=sys.stderr,
-        disable=not progress,
+        # On a terminal only: in a pipe or log the redrawn bar is noise before a one-line error.
+        disable=not progress or not sys.stderr.isatty(),
         leave=True,
     )
 
@@ -421,6 +422,9 @@ def _write_all(
                     lambda *args: pending.append(finisher.submit(finish, *args)),
                     bar.update,
                 )
+    except BaseException:
+        bar.leave = False  # Cleared, so an error is the last line on the terminal.
+        raise
     finally:
         finisher.shutdown(wait=True)
         bar.close()

@@ -32,27 +32,40 @@ def peak_rss_mb(args):
     return usage.ru_maxrss / 1024  # Linux reports kB.
 
 
+def linked_folder(seed, root, counts):
+    """A folder of ``counts`` images per split, hard links to the few images of ``seed``."""
+    for split, count in counts.items():
+        sources = sorted(seed.glob(f"{split}/*/*.png"))
+        for index in range(count):
+            source = sources[index % len(sources)]
+            target = root / split / source.parent.name / f"{index:06d}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+    return root
+
+
 @pytest.fixture(scope="module")
 def image_folders(tmp_path_factory):
-    """Two generated PNG folders of 192x192x3 images: 60 and 2,400 (265 MB decoded)."""
+    """Two PNG folders of 192x192x3 images: 60 and 4,000 (442 MB decoded)."""
     root = tmp_path_factory.mktemp("synthetic")
-    small = write_synthetic_folder(root / "small", {"train": 50, "test": 10}, (192, 192, 3))
-    large = write_synthetic_folder(root / "large", {"train": 2200, "test": 200}, (192, 192, 3))
+    seed = write_synthetic_folder(root / "seed", {"train": 30, "test": 10}, (192, 192, 3))
+    small = linked_folder(seed, root / "small", {"train": 50, "test": 10})
+    large = linked_folder(seed, root / "large", {"train": 3600, "test": 400})
     return small, large
 
 
 def test_prepare_memory_does_not_grow_with_the_dataset(image_folders, tmp_path):
     small, large = image_folders
-    decoded_mb = 2400 * 192 * 192 * 3 / 2**20
+    decoded_mb = 4000 * 192 * 192 * 3 / 2**20
     peaks = [
         peak_rss_mb(["--mode=prepare", f"--source_dir={src}", f"--data_dir={tmp_path / name}"])
         for name, src in (("small", small), ("large", large))
     ]
-    # 40x the images, yet the peak grows by far less than the decoded data (a few chunks of
-    # 16 MiB are in flight at once), and the whole process, TensorFlow included, stays < 1 GiB.
-    assert peaks[1] - peaks[0] < decoded_mb / 4, (peaks, decoded_mb)
+    # 66x the images, yet the peak grows by far less than the decoded data (a few 8 MiB chunks
+    # are in flight at once), and the whole process, TensorFlow included, stays under 1 GiB.
+    assert peaks[1] - peaks[0] < decoded_mb / 5, (peaks, decoded_mb)
     assert peaks[1] < 1024, peaks
-    assert check_shards(tmp_path / "large", parse=False) == {"train": 2200, "test": 200}
+    assert check_shards(tmp_path / "large", parse=False) == {"train": 3600, "test": 400}
 
 
 # Prepares a folder in shards of 30 records and stalls (flushed) mid-way through shard 12

@@ -97,8 +97,11 @@ def test_gzip_round_trip(tmp_path, mnist_small_npz):
         np.testing.assert_array_equal(labels, source.splits[split][1])
 
 
-def test_progress_bar_on_stderr(tmp_path, mnist_small_npz, capsys):
+def test_progress_bar_on_stderr(tmp_path, mnist_small_npz, capsys, monkeypatch):
     prepare(tmp_path / "a", mnist_small_npz, progress=True)
+    assert capsys.readouterr().err == ""  # Not a terminal: no bar in logs and pipes.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    prepare(tmp_path / "c", mnist_small_npz, progress=True)
     assert "prepare" in capsys.readouterr().err
     prepare(tmp_path / "b", mnist_small_npz, progress=False)
     assert capsys.readouterr().err == ""
