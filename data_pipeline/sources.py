@@ -635,7 +635,8 @@ class NpzSource(DataSource):
         """Reads and checks one member's .npy header against the archive's own sizes."""
         info = archive.getinfo(f"{key}.npy")
         archive_size = self.path.stat().st_size
-        bound = info.compress_size * (1 if info.compress_type == zipfile.ZIP_STORED else 1100)
+        stored = info.compress_type == zipfile.ZIP_STORED
+        bound = info.compress_size * (1 if stored else _GZIP_MAX_RATIO)
         if info.compress_size > archive_size or info.file_size > bound:
             raise _source_error(
                 f"member {key} claims {info.file_size} bytes, more than the archive holds",

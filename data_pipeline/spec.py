@@ -154,7 +154,6 @@ class FeatureSpec:
 
 
 IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 CHANNELS = (1, 3, 4)
 # Bounds a spec must respect: one image of at most 8192x8192 RGBA (256 MiB decoded as uint8,
 # 1 GiB as the reader's float32) and a class count a softmax layer can take.

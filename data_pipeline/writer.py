@@ -404,10 +404,16 @@ def _write_all(
         os.replace(tmp, path)
         done.add(name, os.stat(path).st_size)
 
-    # One thread finishes shards (fsync is slow) while the next one is being written; in order,
-    # so the journal only ever lists shards whose predecessors were handled first.
+    # A second thread finishes each shard (fsync is slow) while the next one is being written.
     finisher = concurrent.futures.ThreadPoolExecutor(1, "shard-finisher")
     pending: List[concurrent.futures.Future] = []
+
+    def submit(*args) -> None:
+        for future in pending:
+            if future.done():
+                future.result()  # Stops at the first shard that could not be finished.
+        pending.append(finisher.submit(finish, *args))
+
     try:
         for split in source.split_names:
             todo = [s for s in plan if s.split == split and s.name not in done.done]
@@ -419,7 +425,7 @@ def _write_all(
                     encoder,
                     compression,
                     chunk_bytes,
-                    lambda *args: pending.append(finisher.submit(finish, *args)),
+                    submit,
                     bar.update,
                 )
     except BaseException:
