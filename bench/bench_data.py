@@ -7,7 +7,7 @@ FloatList of 784 floats, written one at a time).
 
 Image-folder part: generated PNG folders of ``--image_counts`` images (``--image_shape``, 10
 classes, 90 % train), each prepared by ``main.py --mode=prepare`` in its own process: images/s,
-the process' peak resident memory (``ru_maxrss`` from ``wait4``, TensorFlow included), shard
+the process' peak resident memory (its ``VmHWM``, TensorFlow included), shard
 bytes, then the reader's shuffled examples/s on the result. Time should grow linearly with the
 image count and memory stay flat. The largest folder is generated once and kept under
 ``--work_dir`` (about 8.4 kB per 128x128x3 PNG); smaller ones are hard links to its first files.
@@ -199,8 +199,7 @@ def image_folder(work_dir, count, largest, shape):
 
 def prepare_process(source_dir, data_dir):
     """Runs ``main.py --mode=prepare`` in a fresh process; returns (seconds, peak RSS in MiB)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
+    run = benchlib.run_peak_rss(
         [
             sys.executable,
             os.path.join(REPO, "main.py"),
@@ -208,19 +207,11 @@ def prepare_process(source_dir, data_dir):
             f"--source_dir={source_dir}",
             f"--data_dir={data_dir}",
             "--overwrite",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        ]
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    errors = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench_data.py: prepare failed: {errors.strip()[-2000:]}")
-    return seconds, usage.ru_maxrss / 1024
+    if run["returncode"] != 0:
+        sys.exit(f"bench_data.py: prepare failed: {run['stderr'].strip()[-2000:]}")
+    return run["seconds"], run["peak_mib"]
 
 
 def startup_seconds(source_dir, data_dir):

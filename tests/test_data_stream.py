@@ -9,6 +9,9 @@ import textwrap
 import pytest
 from cli_helpers import MAIN, REPO
 
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import benchlib  # noqa: E402 - bench/ is not a package; its run_peak_rss measures the child.
+
 import data_pipeline
 from data_pipeline import check_shards, load_spec, prepare
 from data_pipeline.images import write_synthetic_folder
@@ -18,18 +21,9 @@ ENV = {**os.environ, "PYTHONPATH": REPO}
 
 def peak_rss_mb(args):
     """Runs ``python main.py ARGS`` and returns the child's own peak resident memory in MB."""
-    proc = subprocess.Popen(
-        [sys.executable, MAIN, *args],
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    proc.stderr.close()
-    return usage.ru_maxrss / 1024  # Linux reports kB.
+    run = benchlib.run_peak_rss([sys.executable, MAIN, *args])
+    assert run["returncode"] == 0, run["stderr"][-3000:]
+    return run["peak_mib"]
 
 
 def linked_folder(seed, root, counts):
