@@ -17,10 +17,32 @@ def define_flags() -> None:
     # Data.
     f.DEFINE_string("data_dir", "data/mnist", "Folder of TFRecord shards + dataset_spec.json.")
     f.DEFINE_string(
-        "source_dir", None, "prepare: folder of MNIST IDX files or an mnist.npz (else $MNIST_DIR)."
+        "source_dir",
+        None,
+        "prepare: IDX files, an .npz archive (x_train, y_train, x_test, y_test) or an image "
+        "folder SRC/train/<class>/*.png|jpg + SRC/test/<class>/... (else $MNIST_DIR).",
     )
     f.DEFINE_integer(
-        "records_per_shard", 1000, "prepare: records per TFRecord shard.", lower_bound=1
+        "records_per_shard",
+        None,
+        "prepare: records per TFRecord shard (default 1000, fewer if a shard would exceed 200 MB).",
+        lower_bound=1,
+    )
+    f.DEFINE_float(
+        "shard_mb",
+        None,
+        "prepare: instead of --records_per_shard, shards of about this many MB (TensorFlow "
+        "suggests 100-200).",
+        lower_bound=0.001,
+    )
+    f.DEFINE_list(
+        "image_size", None, "prepare, image folders: resize every image to H,W (bilinear)."
+    )
+    f.DEFINE_enum(
+        "channels",
+        None,
+        ["1", "3"],
+        "prepare, image folders: 1 (grayscale) or 3 (RGB); default: the first train image's.",
     )
     f.DEFINE_bool("gzip", False, "prepare: GZIP-compress the shards.")
     f.DEFINE_bool("overwrite", False, "prepare: rewrite complete output instead of reusing it.")
@@ -67,3 +89,13 @@ def define_flags() -> None:
     f.DEFINE_bool("plot", False, "predict: also write PNGs of sample digits and conv1 maps.")
     f.DEFINE_string("export_dir", None, "export: SavedModel parent (default exports/<model>).")
     f.DEFINE_string("keras_output", None, "export: also save the trained network as .keras here.")
+    flags.register_validator(
+        "image_size",
+        lambda v: v is None or (len(v) == 2 and all(s.isdigit() and int(s) > 0 for s in v)),
+        message="--image_size must be two positive integers H,W, e.g. --image_size=128,128",
+    )
+    flags.register_multi_flags_validator(
+        ["records_per_shard", "shard_mb"],
+        lambda v: v["records_per_shard"] is None or v["shard_mb"] is None,
+        message="pass --records_per_shard or --shard_mb, not both",
+    )

@@ -70,8 +70,11 @@ def run() -> dict:
             FLAGS.data_dir,
             source_dir=FLAGS.source_dir,
             records_per_shard=FLAGS.records_per_shard,
+            shard_mb=FLAGS.shard_mb,
             compression="GZIP" if FLAGS.gzip else None,
             overwrite=FLAGS.overwrite,
+            image_size=tuple(map(int, FLAGS.image_size)) if FLAGS.image_size else None,
+            channels=int(FLAGS.channels) if FLAGS.channels else None,
         )
         return {"data_dir": FLAGS.data_dir, **{s: spec.num_records(s) for s in spec.splits}}
     import jobs

@@ -1,42 +1,53 @@
-"""Benchmarks the data pipeline: prepare time, bytes per example, input pipeline throughput.
+"""Benchmarks the data pipeline: MNIST prepare/read, and prepare scaling on image folders.
 
-Also measures a tutorial-style writer for comparison (one tf.train.Example per image with the
-pixels as a FloatList of 784 floats, written one at a time with tf.io.TFRecordWriter).
+MNIST part: prepare time for all 65,000 images (IDX files to sharded TFRecords, plain and
+GZIP), bytes per example, the input pipeline alone in examples/s (shuffled train split), and a
+tutorial-style writer for comparison (one tf.train.Example per image with the pixels as a
+FloatList of 784 floats, written one at a time).
 
-Run from the repository root:
-    .venv/bin/python bench/bench_data.py --source_dir=$MNIST_DIR
+Image-folder part: generated PNG folders of ``--image_counts`` images (``--image_shape``, 10
+classes, 90 % train), each prepared by ``main.py --mode=prepare`` in its own process: images/s,
+the process' peak resident memory (its ``VmHWM``, TensorFlow included), shard
+bytes, then the reader's shuffled examples/s on the result. Time should grow linearly with the
+image count and memory stay flat. The largest folder is generated once and kept under
+``--work_dir`` (about 8.4 kB per 128x128x3 PNG); smaller ones are hard links to its first files.
+
+Run from the repository root (under the CPU lock: timings are meaningless otherwise):
+    flock /tmp/cpu.lock .venv/bin/python bench/bench_data.py --source_dir=$MNIST_DIR
+Quick check:
+    .venv/bin/python bench/bench_data.py --skip_tutorial --seconds=1 --image_counts=500,1000
 """
 
 import argparse
+import math
 import os
-import shlex
 import shutil
+import subprocess
 import sys
-import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # Run as a script: make tfenv and data_pipeline importable.
+import benchlib  # Puts the repo on sys.path and imports tfenv before TensorFlow.
+import tensorflow as tf
 
-import tfenv  # noqa: E402, I001 - must come before TensorFlow.
-import tensorflow as tf  # noqa: E402
+import data_pipeline
+from data_pipeline.images import write_synthetic_folder
 
-tfenv.silence_python_logging()
-
-import data_pipeline  # noqa: E402
+REPO = benchlib.REPO
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--source_dir",
-        default=os.environ.get("MNIST_DIR"),
+        default=benchlib.default_source_dir(),
         help="MNIST IDX folder or mnist.npz (default: $MNIST_DIR)",
     )
     parser.add_argument(
-        "--work_dir", default=None, help="scratch folder (default: a temporary one, removed)"
+        "--work_dir",
+        default=os.path.join(REPO, "build", "bench", "data"),
+        help="scratch folder; generated image folders are kept there for the next run",
     )
-    parser.add_argument("--batch_sizes", default="128,512", help="comma-separated batch sizes")
+    parser.add_argument("--batch_sizes", type=benchlib.int_list, default=[128, 512])
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput run")
     parser.add_argument("--records_per_shard", type=int, default=1000)
     parser.add_argument(
@@ -46,6 +57,15 @@ def parse_args(argv=None):
         help="examples for the tutorial-style writer (default: all)",
     )
     parser.add_argument("--skip_tutorial", action="store_true")
+    parser.add_argument("--skip_mnist", action="store_true")
+    parser.add_argument(
+        "--image_counts",
+        type=benchlib.int_list,
+        default=[10_000, 30_000, 100_000],
+        help="image-folder sizes to prepare (empty: skip the image-folder part)",
+    )
+    parser.add_argument("--image_shape", type=benchlib.int_list, default=[128, 128, 3])
+    parser.add_argument("--json_out", default=None, help="also write the results as JSON here")
     return parser.parse_args(argv)
 
 
@@ -109,52 +129,197 @@ def tutorial_writer(source, path, limit):
     return time.perf_counter() - start, count, os.path.getsize(path) / count
 
 
+def mnist_part(args, work_dir, results):
+    start = time.perf_counter()
+    source = data_pipeline.load_source(args.source_dir, allow_download=False)
+    load_s = time.perf_counter() - start
+    total = sum(source.num_records(split) for split in source.splits)
+    print(f"source: {source.name}, {total} examples, read+validated in {load_s:.2f} s")
+    plain_dir = os.path.join(work_dir, "mnist-plain")
+    plain_s, spec = time_prepare(plain_dir, args.source_dir, args.records_per_shard, None)
+    print(
+        f"prepare (uncompressed, incl. reading the source): {plain_s:.2f} s for {total} "
+        f"examples, {bytes_per_example(spec):.1f} bytes/example"
+    )
+    gzip_dir = os.path.join(work_dir, "mnist-gzip")
+    gzip_s, gzip_spec = time_prepare(gzip_dir, args.source_dir, args.records_per_shard, "GZIP")
+    print(f"prepare (GZIP): {gzip_s:.2f} s, {bytes_per_example(gzip_spec):.1f} bytes/example")
+    results["mnist"] = {
+        "prepare_s": plain_s,
+        "prepare_gzip_s": gzip_s,
+        "bytes_per_example": bytes_per_example(spec),
+        "bytes_per_example_gzip": bytes_per_example(gzip_spec),
+        "pipeline_examples_per_sec": {},
+    }
+    for batch_size in args.batch_sizes:
+        rate = throughput(plain_dir, batch_size, args.seconds)
+        results["mnist"]["pipeline_examples_per_sec"][batch_size] = rate
+        print(f"pipeline, train, shuffled, batch {batch_size}: {rate:,.0f} examples/s")
+    rate = throughput(gzip_dir, 512, args.seconds)
+    results["mnist"]["pipeline_gzip_512_examples_per_sec"] = rate
+    print(f"pipeline, train, shuffled, batch 512, GZIP shards: {rate:,.0f} examples/s")
+    if not args.skip_tutorial:
+        path = os.path.join(work_dir, "tutorial.tfrecord")
+        seconds, count, size = tutorial_writer(source, path, args.tutorial_limit)
+        results["mnist"]["tutorial_writer"] = {"s": seconds, "examples": count, "bytes": size}
+        print(
+            f"tutorial-style writer (FloatList, one example at a time): {seconds:.2f} s for "
+            f"{count} examples ({seconds / count * total:.1f} s per {total}), "
+            f"{size:.1f} bytes/example"
+        )
+    for folder in (plain_dir, gzip_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def split_counts(count):
+    test = count // 10
+    return {"train": count - test, "test": test}
+
+
+def image_folder(work_dir, count, largest, shape):
+    """The generated folder of ``count`` images: hard links to the first files of the largest."""
+    tag = "x".join(map(str, shape))
+    full = os.path.join(work_dir, f"images-{tag}-{largest}")
+    if not os.path.isfile(os.path.join(full, ".complete")):
+        benchlib.log(f"generating {largest} PNG files of {tag} in {full} (kept for reruns)")
+        shutil.rmtree(full, ignore_errors=True)
+        write_synthetic_folder(full, split_counts(largest), tuple(shape))
+        open(os.path.join(full, ".complete"), "w").close()
+    if count == largest:
+        return full
+    subset = os.path.join(work_dir, f"images-{tag}-{count}")
+    shutil.rmtree(subset, ignore_errors=True)
+    for split, n in split_counts(count).items():
+        for index in range(n):
+            name = os.path.join(split, f"class_{index % 10:02d}", f"{index:08d}.png")
+            os.makedirs(os.path.dirname(os.path.join(subset, name)), exist_ok=True)
+            os.link(os.path.join(full, name), os.path.join(subset, name))
+    return subset
+
+
+def prepare_process(source_dir, data_dir):
+    """Runs ``main.py --mode=prepare`` in a fresh process; returns (seconds, peak RSS in MiB)."""
+    run = benchlib.run_peak_rss(
+        [
+            sys.executable,
+            os.path.join(REPO, "main.py"),
+            "--mode=prepare",
+            f"--source_dir={source_dir}",
+            f"--data_dir={data_dir}",
+            "--overwrite",
+        ]
+    )
+    if run["returncode"] != 0:
+        sys.exit(f"bench_data.py: prepare failed: {run['stderr'].strip()[-2000:]}")
+    return run["seconds"], run["peak_mib"]
+
+
+def startup_seconds(source_dir, data_dir):
+    """Seconds a prepare process takes for an already prepared folder (start-up, no writing)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "main.py"),
+            "--mode=prepare",
+            f"--source_dir={source_dir}",
+            f"--data_dir={data_dir}",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def images_part(args, work_dir, results):
+    largest = max(args.image_counts)
+    rows = []
+    results["image_folders"] = []
+    for count in sorted(args.image_counts):
+        source_dir = image_folder(work_dir, count, largest, args.image_shape)
+        data_dir = os.path.join(work_dir, f"prepared-{count}")
+        seconds, peak_mib = prepare_process(source_dir, data_dir)
+        # A rerun finds the output complete: what remains is start-up and the source scan.
+        fixed = startup_seconds(source_dir, data_dir)
+        spec = data_pipeline.load_spec(data_dir)
+        shard_bytes = sum(os.path.getsize(f) for s in spec.splits for f in spec.files(s))
+        decoded_mib = count * math.prod(args.image_shape) / 2**20
+        rate = throughput(data_dir, 128, args.seconds)
+        row = {
+            "images": count,
+            "prepare_s": seconds,
+            "images_per_sec": count / seconds,
+            "rerun_s": fixed,
+            "peak_rss_mib": peak_mib,
+            "decoded_mib": decoded_mib,
+            "shard_bytes": shard_bytes,
+            "shards": sum(len(spec.files(s)) for s in spec.splits),
+            "reader_examples_per_sec": rate,
+        }
+        results["image_folders"].append(row)
+        rows.append(
+            [
+                f"{count:,}",
+                f"{seconds:.1f}",
+                f"{count / seconds:,.0f}",
+                f"{fixed:.1f}",
+                f"{peak_mib:,.0f}",
+                f"{decoded_mib:,.0f}",
+                f"{shard_bytes / 1e9:.2f} GB in {row['shards']}",
+                f"{rate:,.0f}",
+            ]
+        )
+        shutil.rmtree(data_dir, ignore_errors=True)
+        benchlib.log(f"{count} images: {seconds:.1f} s, peak {peak_mib:.0f} MiB, {rate:.0f} ex/s")
+    tag = "x".join(map(str, args.image_shape))
+    print(f"image folders ({tag} PNG, 10 classes, 90 % train), prepare in a fresh process:")
+    benchlib.print_table(
+        [
+            "images",
+            "prepare s",
+            "images/s",
+            "rerun s",
+            "peak RSS MiB",
+            "decoded MiB",
+            "shards",
+            "reader ex/s (b128, shuffled)",
+        ],
+        rows,
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if not args.source_dir:
-        sys.exit("bench_data.py: pass --source_dir or set MNIST_DIR")
-    work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_data-")
-    os.makedirs(work_dir, exist_ok=True)
-    command = " ".join(
-        [".venv/bin/python", "bench/bench_data.py", f"--source_dir={args.source_dir}"]
-        + [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--source_dir")]
+    command = benchlib.command_line(
+        __file__,
+        args,
+        [
+            "source_dir",
+            "work_dir",
+            "batch_sizes",
+            "seconds",
+            "records_per_shard",
+            "tutorial_limit",
+            "skip_tutorial",
+            "skip_mnist",
+            "image_counts",
+            "image_shape",
+            "json_out",
+        ],
     )
-    try:
-        start = time.perf_counter()
-        source = data_pipeline.load_source(args.source_dir, allow_download=False)
-        load_s = time.perf_counter() - start
-        total = sum(source.num_records(split) for split in source.splits)
-        print(f"source: {source.name}, {total} examples, read+validated in {load_s:.2f} s")
-
-        plain_dir = os.path.join(work_dir, "plain")
-        plain_s, spec = time_prepare(plain_dir, args.source_dir, args.records_per_shard, None)
-        print(
-            f"prepare (uncompressed, incl. reading the source): {plain_s:.2f} s for {total} "
-            f"examples, {bytes_per_example(spec):.1f} bytes/example"
-        )
-        gzip_dir = os.path.join(work_dir, "gzip")
-        gzip_s, gzip_spec = time_prepare(gzip_dir, args.source_dir, args.records_per_shard, "GZIP")
-        print(f"prepare (GZIP): {gzip_s:.2f} s, {bytes_per_example(gzip_spec):.1f} bytes/example")
-
-        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            rate = throughput(plain_dir, batch_size, args.seconds)
-            print(f"pipeline, train, shuffled, batch {batch_size}: {rate:,.0f} examples/s")
-        rate = throughput(gzip_dir, 512, args.seconds)
-        print(f"pipeline, train, shuffled, batch 512, GZIP shards: {rate:,.0f} examples/s")
-
-        if not args.skip_tutorial:
-            path = os.path.join(work_dir, "tutorial.tfrecord")
-            seconds, count, size = tutorial_writer(source, path, args.tutorial_limit)
-            print(
-                f"tutorial-style writer (FloatList, one example at a time): {seconds:.2f} s for "
-                f"{count} examples ({seconds / count * total:.1f} s per {total}), "
-                f"{size:.1f} bytes/example"
-            )
-        print(f"cpus: {os.cpu_count()}, tensorflow {tf.__version__}")
-        print(f"reproduce: {command}")
-    finally:
-        if args.work_dir is None:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    benchlib.print_header("data pipeline", command, benchlib.machine_info())
+    os.makedirs(args.work_dir, exist_ok=True)
+    results = {}
+    if not args.skip_mnist:
+        if not args.source_dir:
+            sys.exit("bench_data.py: pass --source_dir or set MNIST_DIR (or --skip_mnist)")
+        mnist_part(args, args.work_dir, results)
+    if args.image_counts:
+        images_part(args, args.work_dir, results)
+    benchlib.write_json(args.json_out, {"command": command, "results": results})
+    print(f"reproduce: {command}")
 
 
 if __name__ == "__main__":

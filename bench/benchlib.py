@@ -248,6 +248,46 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def run_peak_rss(args: Sequence[str], cwd: str = REPO) -> Dict[str, Any]:
+    """Runs a command; returns its exit code, stderr, seconds and peak resident memory (MiB).
+
+    The peak is the child's ``VmHWM`` (high-water mark of its own address space since exec),
+    polled every 50 ms; the last value read holds every earlier peak. ``ru_maxrss`` would not
+    do: the kernel carries the parent's high-water mark into a forked child across exec.
+    """
+    import subprocess
+    import tempfile
+
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            list(args),
+            cwd=cwd,
+            env={**os.environ, "PYTHONPATH": REPO},
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        peak_kib = 0
+        while proc.poll() is None:
+            try:
+                with open(f"/proc/{proc.pid}/status") as status:
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            peak_kib = max(peak_kib, int(line.split()[1]))
+            except (OSError, ValueError):
+                pass  # Exiting: the values read so far stand.
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace")
+    return {
+        "returncode": proc.returncode,
+        "stderr": stderr,
+        "seconds": seconds,
+        "peak_mib": peak_kib / 1024,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from data_pipeline.reader import (
     parse_serialized,
 )
 from data_pipeline.sources import PathLike
-from data_pipeline.spec import SPEC_NAME, DatasetSpec, load_spec
+from data_pipeline.spec import SPEC_NAME, DatasetSpec, load_spec, record_size_range
 
 _FIX = "re-run --mode=prepare with --overwrite for this --data_dir"
 _SHARD_PATH = re.compile(r"(/?[^\s\"'\[\]{}():,]+\.tfrecord(?:\.gz)?)")
@@ -59,7 +59,9 @@ def check_shards(
 def _count_records(spec: DatasetSpec, path: str, parse: bool) -> int:
     if not os.path.isfile(path):
         raise DataError(f"shard listed in {SPEC_NAME} is missing", path=path, fix=_FIX)
-    batches = tf.data.TFRecordDataset(path, compression_type=spec.compression or "").batch(1024)
+    # Batches of at most 1024 records and about 16 MB, whatever the image size.
+    batch = max(1, min(1024, (16 << 20) // record_size_range(spec.features["image"])[1]))
+    batches = tf.data.TFRecordDataset(path, compression_type=spec.compression or "").batch(batch)
     count = 0
     try:
         for batch in batches:

@@ -17,7 +17,14 @@ import tensorflow as tf
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import PathLike
-from data_pipeline.spec import IMAGE_SHAPE, MNIST_FEATURES, SPEC_NAME, DatasetSpec, load_spec
+from data_pipeline.spec import (
+    IMAGE_SHAPE,
+    MNIST_FEATURES,
+    SPEC_NAME,
+    DatasetSpec,
+    load_spec,
+    record_size_range,
+)
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Prefix of the in-graph record-count assertion; translate_errors() recognises it.
@@ -28,6 +35,10 @@ IMAGE_SIZE_MISMATCH = "data_pipeline: image size mismatch"
 # Files read at once when num_parallel_reads is AUTOTUNE: enough to hide I/O latency on a few
 # cores without holding many decoded shards in memory.
 _DEFAULT_CYCLE = 8
+# Serialized records a shard reader hands on at once, and what all parallel readers may hold
+# ahead of the pipeline: MNIST's whole shards fit, large images' shards are streamed.
+_READ_CHUNK_BYTES = 8 << 20
+_READ_AHEAD_BYTES = 256 << 20
 
 
 def _feature_description(
@@ -60,7 +71,8 @@ def parse_serialized(
         with_labels: Whether to parse and return labels (False returns None as labels).
 
     Returns:
-        ``({"image": float32 [batch, 28, 28, 1] in [0, 1]}, labels int64 [batch] or None)``.
+        ``({"image": float32 [batch, H, W, C] in [0, 1]}, labels int64 [batch] or None)`` with
+        ``(H, W, C)`` the spec's ``image_shape`` (MNIST's (28, 28, 1) without a spec).
     """
     features = spec.features if spec is not None else MNIST_FEATURES
     image_shape = tuple(spec.image_shape) if spec is not None else IMAGE_SHAPE
@@ -138,20 +150,23 @@ def random_shift(image: tf.Tensor, max_shift: int, seed: Optional[int] = None) -
     return tf.gather(shifted, cols, axis=2, batch_dims=1)
 
 
-def _read_shard(path: tf.Tensor, expected: tf.Tensor, partial: tf.Tensor, compression: str):
+def _read_shard(
+    path: tf.Tensor, expected: tf.Tensor, partial: tf.Tensor, compression: str, chunk: int
+):
     """Records of one shard, failing with a COUNT_MISMATCH assertion if the count is off.
 
-    A full shard is read as one batch of up to expected+1 records (so one extra record is
-    noticed); a shard cut short by ``limit`` as ``expected`` records. An empty sentinel batch
-    makes an empty file fail the check too. The check costs one op per shard, not per record.
+    A full shard is read as up to expected+1 records (so one extra record is noticed); a shard
+    cut short by ``limit`` as ``expected`` records. Records pass in batches of at most ``chunk``
+    (the whole shard for small records, so memory stays bounded for large ones) while a scan
+    counts them; an empty sentinel batch at the end checks the count, which makes an empty file
+    fail too. The check costs a few ops per batch, not per record.
     """
     to_read = tf.where(partial, expected, expected + 1)
     batches = tf.data.TFRecordDataset(path, compression_type=compression).take(to_read)
     sentinel = tf.data.Dataset.from_tensors(tf.zeros([0], tf.string))
-    first = batches.batch(to_read).concatenate(sentinel).take(1)
 
-    def check(records):
-        count = tf.size(records, out_type=tf.int64)
+    def check(count, records):
+        size = tf.size(records, out_type=tf.int64)
         message = tf.strings.join(
             [
                 COUNT_MISMATCH,
@@ -164,11 +179,15 @@ def _read_shard(path: tf.Tensor, expected: tf.Tensor, partial: tf.Tensor, compre
                 tf.strings.as_string(expected),
             ]
         )
-        assertion = tf.debugging.Assert(tf.equal(count, expected), [message], summarize=1)
+        # Only the sentinel (the one empty batch) checks the total.
+        ok = tf.logical_or(size > 0, tf.equal(count, expected))
+        assertion = tf.debugging.Assert(ok, [message], summarize=1)
         with tf.control_dependencies([assertion]):
-            return tf.identity(records)
+            return count + size, tf.identity(records)
 
-    return first.map(check).unbatch()
+    return (
+        batches.batch(chunk).concatenate(sentinel).scan(tf.constant(0, tf.int64), check).unbatch()
+    )
 
 
 def _select_files(
@@ -188,6 +207,12 @@ def _select_files(
     return entries
 
 
+def shuffle_buffer_records(spec: DatasetSpec, shuffle_buffer: int, shuffle_mb: float) -> int:
+    """Records in the shuffle buffer: ``shuffle_buffer``, fewer if they exceed ``shuffle_mb``."""
+    record_bytes = record_size_range(spec.features["image"])[1]
+    return max(1, min(shuffle_buffer, int(shuffle_mb * 10**6 // record_bytes)))
+
+
 def make_dataset(
     data_dir: PathLike,
     split: str,
@@ -200,6 +225,7 @@ def make_dataset(
     drop_remainder: bool = False,
     cache: bool = False,
     shuffle_buffer: int = 10_000,
+    shuffle_mb: float = 256,
     num_parallel_reads: int = AUTOTUNE,
     input_context: Optional[tf.distribute.InputContext] = None,
     limit: Optional[int] = None,
@@ -219,8 +245,12 @@ def make_dataset(
             every run yields the same sequence (slightly slower). Without ``shuffle`` the order
             is always the stored order.
         drop_remainder: Drop a final short batch (for static batch shapes).
-        cache: Cache the serialized records in memory after the first pass.
-        shuffle_buffer: Record shuffle buffer size.
+        cache: Cache the serialized records in memory after the first pass (opt-in: the
+            split must fit in memory).
+        shuffle_buffer: Record shuffle buffer size, in records.
+        shuffle_mb: Also bound the shuffle buffer in MB of serialized records (10**6 bytes):
+            the buffer holds ``min(shuffle_buffer, shuffle_mb / record size)`` records, so large
+            images do not fill memory (MNIST: the full 10,000).
         num_parallel_reads: Shards read concurrently (AUTOTUNE: up to 8, parallelism tuned).
         input_context: A tf.distribute.InputContext: each input pipeline then reads only its own
             share of the shard files (``input_pipeline_id`` of ``num_input_pipelines``) and
@@ -231,7 +261,8 @@ def make_dataset(
             per axis (training augmentation; seeded by ``seed``).
 
     Returns:
-        A dataset of ``({"image": float32 [batch, 28, 28, 1]}, labels int64 [batch])``.
+        A dataset of ``({"image": float32 [batch, H, W, C]}, labels int64 [batch])`` with
+        ``(H, W, C)`` the spec's ``image_shape``.
 
     Raises:
         DataError: The folder, spec or shards are missing or inconsistent (errors found while
@@ -267,13 +298,16 @@ def make_dataset(
         cycle_length, parallel_calls = _DEFAULT_CYCLE, AUTOTUNE
     else:
         cycle_length, parallel_calls = max(1, num_parallel_reads), max(1, num_parallel_reads)
-    cycle_length = max(1, min(cycle_length, len(entries)))
+    record_bytes = record_size_range(spec.features["image"])[1]
     # Unshuffled: whole shards one after another (block = a full shard) keep the stored order
-    # while the other open shards are read ahead in parallel.
+    # while the other open shards are read ahead in parallel, as far as the byte budget allows.
     block_length = 1 if shuffle else max([e[1] for e in entries] or [1])
+    read_ahead = max(1, _READ_AHEAD_BYTES // (2 * block_length * record_bytes))
+    cycle_length = max(1, min(cycle_length, len(entries), read_ahead))
     compression = spec.compression or ""
+    chunk = max(1, _READ_CHUNK_BYTES // record_bytes)
     records = files.interleave(
-        lambda path, count, cut: _read_shard(path, count, cut, compression),
+        lambda path, count, cut: _read_shard(path, count, cut, compression, chunk),
         cycle_length=cycle_length,
         block_length=block_length,
         num_parallel_calls=parallel_calls,
@@ -282,7 +316,11 @@ def make_dataset(
     if cache:
         records = records.cache()
     if shuffle:
-        records = records.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        records = records.shuffle(
+            shuffle_buffer_records(spec, shuffle_buffer, shuffle_mb),
+            seed=seed,
+            reshuffle_each_iteration=True,
+        )
     if num_epochs is None:
         records = records.repeat()
     elif num_epochs != 1:

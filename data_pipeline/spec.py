@@ -2,8 +2,9 @@
 
 The spec sits beside the shards and is written last, so its presence marks a complete dataset.
 It records, per feature, what a tutorial's CSV schema held (name, type, shape, isbyte,
-length_type, default) plus the dtype and encoding, and per split the exact record count and the
-shard files with their record counts and byte sizes.
+length_type, default) plus the dtype and encoding, the image shape, class count and class names,
+and per split the exact record count and the shard files with their record counts and byte sizes.
+Specs written before class names existed load with the names ``"0" .. "N-1"``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,43 @@ def _list(value: Any, key: str) -> list:
     """Returns ``value`` if it is a JSON array; raises ValueError otherwise."""
     if not isinstance(value, list):
         raise ValueError(f"{key} must be a list, got {value!r:.40}")
+    return value
+
+
+def _plain_name(name: str) -> bool:
+    """Whether ``name`` is a file name inside the data folder (no folder part, not hidden)."""
+    return (
+        bool(name)
+        and os.path.basename(name) == name
+        and not name.startswith(".")
+        and "\0" not in name
+        and len(name.encode("utf-8", "replace")) <= 255
+    )
+
+
+def _delimited_size(payload: int) -> int:
+    return 1 + len(_varint(payload)) + payload
+
+
+def record_size_range(image: FeatureSpec) -> Tuple[int, int]:
+    """Returns the smallest and largest TFRecord record (framing included) for ``image``.
+
+    Computed from the wire format without building a record; the two differ only by the
+    label's varint (1 byte for labels 0..127, 10 for negative labels).
+    """
+    pixels = int(np.prod(image.shape, dtype=np.int64))
+    image_entry = _delimited_size(7 + _delimited_size(_delimited_size(_delimited_size(pixels))))
+    sizes = []
+    for label_bytes in (1, 10):
+        label_entry = _delimited_size(7 + _delimited_size(_delimited_size(label_bytes)))
+        sizes.append(_delimited_size(image_entry + label_entry) + 16)  # TFRecord framing.
+    return sizes[0], sizes[1]
+
+
+def _dict(value: Any, key: str) -> dict:
+    """Returns ``value`` if it is a JSON object; raises ValueError otherwise."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be an object, got {value!r:.40}")
     return value
 
 
@@ -116,12 +154,63 @@ class FeatureSpec:
 
 
 IMAGE_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
-# The label default lets serving requests (which have no label) parse with the same spec.
-MNIST_FEATURES = {
-    "image": FeatureSpec(dtype="uint8", shape=IMAGE_SHAPE, encoding="raw_bytes"),
-    "label": FeatureSpec(dtype="int64", shape=(), encoding="int64_list", default=-1),
-}
+CHANNELS = (1, 3, 4)
+# Bounds a spec must respect: one image of at most 8192x8192 RGBA (256 MiB decoded as uint8,
+# 1 GiB as the reader's float32) and a class count a softmax layer can take.
+MAX_IMAGE_SIDE = 65536
+MAX_IMAGE_BYTES = 2**28
+MAX_CLASSES = 100_000
+_MAX_CLASS_NAME = 200
+
+
+def image_features(image_shape: Tuple[int, ...]) -> Dict[str, FeatureSpec]:
+    """Returns the record schema for uint8 images of ``image_shape`` (H, W, C) and int64 labels."""
+    # The label default lets serving requests (which have no label) parse with the same spec.
+    return {
+        "image": FeatureSpec(dtype="uint8", shape=tuple(image_shape), encoding="raw_bytes"),
+        "label": FeatureSpec(dtype="int64", shape=(), encoding="int64_list", default=-1),
+    }
+
+
+MNIST_FEATURES = image_features(IMAGE_SHAPE)
+
+
+def default_class_names(num_classes: int) -> Tuple[str, ...]:
+    """Returns ``("0", "1", ..., str(num_classes - 1))``, the names of unnamed classes."""
+    return tuple(str(i) for i in range(num_classes))
+
+
+def check_image_shape(image_shape: Tuple[int, ...]) -> Optional[str]:
+    """Returns what is wrong with an (H, W, C) image shape, or None if it is usable."""
+    if len(image_shape) != 3:
+        return f"image_shape {list(image_shape)!s:.60} must have 3 dimensions (H, W, C)"
+    height, width, channels = image_shape
+    if not (0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE):
+        return f"image_shape {list(image_shape)!s:.60} needs sides in [1, {MAX_IMAGE_SIDE}]"
+    if channels not in CHANNELS:
+        return f"image_shape {list(image_shape)!s:.60} needs 1, 3 or 4 channels"
+    if height * width * channels > MAX_IMAGE_BYTES:
+        return f"image_shape {list(image_shape)} exceeds {MAX_IMAGE_BYTES} bytes per image"
+    return None
+
+
+def check_class_names(class_names: Tuple[str, ...], num_classes: int) -> Optional[str]:
+    """Returns what is wrong with a class count and its names, or None if they are usable."""
+    if not 2 <= num_classes <= MAX_CLASSES:
+        return f"num_classes {num_classes!s:.40} must lie in [2, {MAX_CLASSES}]"
+    if len(class_names) != num_classes:
+        return f"{len(class_names)} class_names for num_classes {num_classes}"
+    for name in class_names:
+        if (
+            not isinstance(name, str)
+            or not name
+            or len(name) > _MAX_CLASS_NAME
+            or not name.isprintable()
+        ):
+            return f"class name {name!r:.60} must be 1-{_MAX_CLASS_NAME} printable characters"
+    if len(set(class_names)) != len(class_names):
+        return "class_names must be unique"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,14 +237,19 @@ class DatasetSpec:
     Attributes:
         features: Feature name -> FeatureSpec.
         splits: Split name -> SplitSpec.
-        num_classes: Number of label classes.
-        image_shape: Shape of one decoded image, [28, 28, 1].
+        num_classes: Number of label classes (at least 2).
+        image_shape: Shape of one decoded image (H, W, C), e.g. (28, 28, 1) for MNIST.
         compression: None or ``"GZIP"`` (the TFRecord compression of every shard).
         source_checksum: Checksum of the source the shards were made from.
         source_name: Where that source was found (informational).
         records_per_shard: Records in every shard but possibly the last of a split.
         format_version: Version of this spec layout.
         data_dir: Folder holding the spec and shards ("" for a spec not yet on disk).
+        class_names: One name per class, in label order (default ``"0" .. "N-1"``).
+        fingerprint: Digest of the source checksum, settings and shard plan that produced the
+            shards ("" in specs written before prepare could resume).
+        manifests: Split -> file (beside the shards) listing each record's source file, one
+            per line, for sources made of files (image folders).
     """
 
     features: Dict[str, FeatureSpec]
@@ -168,6 +262,15 @@ class DatasetSpec:
     records_per_shard: int = 0
     format_version: int = FORMAT_VERSION
     data_dir: str = ""
+    class_names: Tuple[str, ...] = ()
+    fingerprint: str = ""
+    manifests: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        # Specs written before class names existed: classes are named by their index. Only
+        # for a sane count, so a spec lying about it fails validation instead of allocating.
+        if not self.class_names and 2 <= self.num_classes <= MAX_CLASSES:
+            object.__setattr__(self, "class_names", default_class_names(self.num_classes))
 
     def files(self, split: str) -> List[str]:
         """Returns the full paths of ``split``'s shard files, in record order."""
@@ -197,8 +300,11 @@ class DatasetSpec:
             "source": {"name": self.source_name, "checksum": self.source_checksum},
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
+            "class_names": list(self.class_names),
             "compression": self.compression,
             "records_per_shard": self.records_per_shard,
+            "fingerprint": self.fingerprint,
+            "manifests": dict(self.manifests),
             "features": {name: f.to_json() for name, f in self.features.items()},
             "splits": {
                 name: {
@@ -251,6 +357,14 @@ class DatasetSpec:
                 records_per_shard=_count(obj.get("records_per_shard", 0), "records_per_shard"),
                 format_version=version,
                 data_dir=os.fspath(data_dir),
+                class_names=tuple(
+                    _text(n, "class name") for n in _list(obj.get("class_names", []), "class_names")
+                ),
+                fingerprint=_text(obj.get("fingerprint", ""), "fingerprint"),
+                manifests={
+                    _text(k, "split"): _text(v, "manifest")
+                    for k, v in _dict(obj.get("manifests", {}), "manifests").items()
+                },
             )
         except DataError:
             raise
@@ -266,12 +380,13 @@ class DatasetSpec:
 
         if self.compression not in COMPRESSIONS:
             raise bad(f"unknown compression {self.compression!r:.40}")
-        # The writer only writes MNIST's layout and the networks only take it; anything else
-        # would fail deep inside TensorFlow (or allocate absurd tensors) instead of here.
-        if self.image_shape != IMAGE_SHAPE:
-            raise bad(f"image_shape {list(self.image_shape)} is not {list(IMAGE_SHAPE)}")
-        if self.num_classes != NUM_CLASSES:
-            raise bad(f"num_classes {self.num_classes} is not {NUM_CLASSES}")
+        # Anything outside these bounds would fail deep inside TensorFlow (or allocate absurd
+        # tensors) instead of here.
+        problem = check_image_shape(self.image_shape) or check_class_names(
+            self.class_names, self.num_classes
+        )
+        if problem:
+            raise bad(problem)
         for name in ("image", "label"):
             if name not in self.features:
                 raise bad(f"no {name!r} feature")
@@ -316,14 +431,66 @@ class DatasetSpec:
                         f"shard {shard.file!r:.80} says {shard.num_records} records, more than its "
                         f"{shard.num_bytes} bytes can hold"
                     )
-                if (
-                    os.path.basename(shard.file) != shard.file
-                    or shard.file.startswith(".")
-                    or not shard.file
-                    or "\0" in shard.file
-                    or len(shard.file.encode("utf-8", "replace")) > 255
-                ):
+                if not _plain_name(shard.file):
                     raise bad(f"shard name {shard.file!r} must be a plain file name")
+        for split, manifest in self.manifests.items():
+            if split not in self.splits or not _plain_name(manifest):
+                raise bad(f"manifest {split!r:.40}: {manifest!r:.80} is not a plain file name")
+
+    def record_files(self, split: str) -> Optional[List[str]]:
+        """Returns the source file of each of ``split``'s records, or None if not recorded.
+
+        Image-folder sources record them (paths relative to the source folder, in record
+        order); IDX and npz sources have no per-record files.
+
+        Raises:
+            DataError: The manifest is listed but missing, unreadable or of the wrong length.
+        """
+        self._split(split)
+        if split not in self.manifests:
+            return None
+        path = os.path.join(self.data_dir, self.manifests[split])
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = f.read().split("\n")[:-1]
+        except (OSError, ValueError) as e:
+            raise DataError(f"unreadable manifest ({e})", path=path, fix=_FIX_PREPARE) from e
+        if len(names) != self.num_records(split):
+            raise DataError(
+                f"manifest lists {len(names)} files for {self.num_records(split)} records",
+                path=path,
+                fix=_FIX_PREPARE,
+            )
+        return names
+
+    def check_record_size(self) -> None:
+        """Checks the first record of each split's first shard against ``image_shape``.
+
+        Reads 8 bytes per split (TFRecord's length field; uncompressed shards only), so a spec
+        whose image shape differs from the records' fails on loading, not deep inside training.
+
+        Raises:
+            DataError: Naming the spec, the shard and the sizes.
+        """
+        if self.compression is not None:
+            return
+        low, high = (size - 16 for size in record_size_range(self.features["image"]))
+        for split in self.splits:
+            path = self.files(split)[0]
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(8)
+            except OSError as e:
+                raise DataError(f"cannot read ({e})", path=path, fix=_FIX_PREPARE) from e
+            if len(head) == 8 and not low <= int.from_bytes(head, "little") <= high:
+                raise DataError(
+                    f"image_shape {list(self.image_shape)} does not match the records: the "
+                    f"first record of {os.path.basename(path)} has "
+                    f"{int.from_bytes(head, 'little')} bytes, not {low}..{high} (or the shard "
+                    "is corrupt)",
+                    path=os.path.join(self.data_dir, SPEC_NAME),
+                    fix=_FIX_PREPARE,
+                )
 
     def check_files(self) -> None:
         """Checks that every listed shard exists with the recorded size (a cheap stat each).
@@ -390,6 +557,7 @@ def load_spec(data_dir: PathLike, *, check_records: bool = False) -> DatasetSpec
         raise DataError("not a JSON object", path=path, fix=_FIX_PREPARE)
     spec = DatasetSpec.from_json(obj, data_dir)
     spec.check_files()
+    spec.check_record_size()
     if check_records:
         from data_pipeline.checks import check_shards
 
@@ -454,33 +622,36 @@ class ExampleEncoder:
         return _delimited(0x0A, self._keys[name] + _delimited(0x12, feature))
 
     def encode_many(self, images: np.ndarray, labels: np.ndarray) -> List[bytes]:
-        """Fast path for the MNIST layout: returns one record per (image, label) pair.
+        """Fast path for the image + label layout: returns one record per (image, label) pair.
 
         The image's raw bytes end its map entry, so everything before them is the same for every
-        record and is computed once; label entries are cached per class.
+        record and is computed once; the label entry and the record's own header are cached per
+        class (images all have the same size).
         """
         shape = self._features["image"].shape
         row = int(np.prod(shape, dtype=np.int64))
-        flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(len(labels), row).tobytes()
+        flat = memoryview(
+            np.ascontiguousarray(images, dtype=np.uint8).reshape(len(labels), row).tobytes()
+        )
         image_prefix = self._entry("image", np.zeros(shape, np.uint8))[:-row]
-        label_entries: Dict[int, bytes] = {}
+        ends: Dict[int, Tuple[bytes, bytes]] = {}
         records = []
         for i, label in enumerate(np.asarray(labels).tolist()):
-            tail = label_entries.get(label)
-            if tail is None:
-                tail = label_entries[label] = self._entry("label", label)
-            records.append(_delimited(0x0A, image_prefix + flat[i * row : (i + 1) * row] + tail))
+            end = ends.get(label)
+            if end is None:
+                tail = self._entry("label", label)
+                head = bytes((0x0A,)) + _varint(len(image_prefix) + row + len(tail))
+                end = ends[label] = (head + image_prefix, tail)
+            records.append(b"".join((end[0], flat[i * row : (i + 1) * row], end[1])))
         return records
 
 
-_MNIST_ENCODER = ExampleEncoder(MNIST_FEATURES)
-
-
 def encode_example(image: np.ndarray, label: int) -> bytes:
-    """Serializes one MNIST example in the records' own format.
+    """Serializes one example in the records' own format, for any image shape.
 
     Args:
-        image: uint8 array of 784 pixels ([28, 28] or [28, 28, 1]).
+        image: uint8 array, [H, W] (one channel) or [H, W, C]; MNIST's is [28, 28] or
+            [28, 28, 1].
         label: Class id.
 
     Returns:
@@ -489,4 +660,7 @@ def encode_example(image: np.ndarray, label: int) -> bytes:
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"image must be uint8, got {image.dtype}")
-    return _MNIST_ENCODER.encode({"image": image, "label": int(label)})
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image must be [H, W] or [H, W, C], got shape {list(image.shape)}")
+    shape = image.shape if image.ndim == 3 else (*image.shape, 1)
+    return ExampleEncoder(image_features(shape)).encode({"image": image, "label": int(label)})

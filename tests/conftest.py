@@ -13,7 +13,6 @@ import tensorflow as tf
 import data_pipeline
 
 tfenv.silence_python_logging()
-del tf  # Imported only so TensorFlow loads after tfenv.
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +57,53 @@ def mnist_small_npz(tmp_path_factory, mnist_source) -> pathlib.Path:
         y_test=y_test[:300].astype(np.uint8),
     )
     return path
+
+
+# --- UCI digits (scikit-learn's copy): a second, non-MNIST dataset -------------------------------
+
+DIGITS_TRAIN = 1500  # The first 1,500 of the 1,797 images train, the other 297 test.
+# Class folders named in words: sorted, they are not in label order, which the tests rely on.
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The UCI digits: uint8 images [1797, 8, 8] (0..16 scaled to 0..255), int64 labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return np.rint(data.images * (255 / 16)).astype(np.uint8), data.target.astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory, digits) -> pathlib.Path:
+    """The digits as a Keras-layout .npz (np.savez_compressed, labels uint8)."""
+    images, labels = digits
+    path = tmp_path_factory.mktemp("digits_npz") / "digits.npz"
+    np.savez_compressed(
+        path,
+        x_train=images[:DIGITS_TRAIN],
+        y_train=labels[:DIGITS_TRAIN].astype(np.uint8),
+        x_test=images[DIGITS_TRAIN:],
+        y_test=labels[DIGITS_TRAIN:].astype(np.uint8),
+    )
+    return path
+
+
+def write_png_folder(root, images, labels, names, split_at):
+    """Writes ``root/{train,test}/<names[label]>/<index>.png``, one grayscale PNG per image."""
+    for index, (image, label) in enumerate(zip(images, labels)):
+        split = "train" if index < split_at else "test"
+        folder = root / split / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        png = tf.io.encode_png(image.reshape(*image.shape[:2], -1)).numpy()
+        (folder / f"{index:04d}.png").write_bytes(png)
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory, digits) -> pathlib.Path:
+    """The digits as image_dataset_from_directory expects them: train/<word>/NNNN.png, test/..."""
+    images, labels = digits
+    root = tmp_path_factory.mktemp("digits_png")
+    return write_png_folder(root, images, labels, DIGIT_NAMES, DIGITS_TRAIN)

@@ -120,13 +120,17 @@ def test_idx_count_mismatch(tmp_path):
 
 def test_idx_bad_label_and_image_size(tmp_path):
     x, y, xt, yt = small_arrays()
-    y[1] = 10
+    y[:] = np.arange(len(y)) % 10
+    y[1] = 10  # The class count comes from the train labels: 11 classes.
+    assert load_source(write_idx_folder(tmp_path / "a", x, y, xt, yt), env={}).num_classes == 11
+    y[1] = 9
+    yt[2] = 10  # A test label beyond the train classes.
     with pytest.raises(DataError) as info:
-        load_source(write_idx_folder(tmp_path / "a", x, y, xt, yt), env={})
-    assert_one_line(info.value, "train-labels-idx1-ubyte.gz", "[0, 10)")
+        load_source(write_idx_folder(tmp_path / "b", x, y, xt, yt), env={})
+    assert_one_line(info.value, "t10k-labels-idx1-ubyte.gz", "[0, 10)")
     x, y, xt, yt = small_arrays()
     with pytest.raises(DataError) as info:
-        load_source(write_idx_folder(tmp_path / "b", x, y, xt[:, :27, :], yt), env={})
+        load_source(write_idx_folder(tmp_path / "c", x, y, xt[:, :27, :], yt), env={})
     assert_one_line(info.value, "t10k-images-idx3-ubyte.gz", "28, 28")
 
 

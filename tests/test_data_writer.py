@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -96,8 +97,11 @@ def test_gzip_round_trip(tmp_path, mnist_small_npz):
         np.testing.assert_array_equal(labels, source.splits[split][1])
 
 
-def test_progress_bar_on_stderr(tmp_path, mnist_small_npz, capsys):
+def test_progress_bar_on_stderr(tmp_path, mnist_small_npz, capsys, monkeypatch):
     prepare(tmp_path / "a", mnist_small_npz, progress=True)
+    assert capsys.readouterr().err == ""  # Not a terminal: no bar in logs and pipes.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    prepare(tmp_path / "c", mnist_small_npz, progress=True)
     assert "prepare" in capsys.readouterr().err
     prepare(tmp_path / "b", mnist_small_npz, progress=False)
     assert capsys.readouterr().err == ""
@@ -179,7 +183,6 @@ def test_interrupted_write_then_rerun(tmp_path, mnist_small_npz, monkeypatch, ex
             records_per_shard=100,
             progress=False,
             overwrite=True,
-            num_threads=1,
         )
     monkeypatch.undo()
     assert_incomplete_but_clean(tmp_path, 100)
@@ -209,8 +212,7 @@ KILLED_PREPARE = textwrap.dedent(
                 time.sleep(120)
 
     tf.io.TFRecordWriter = Stall
-    data_pipeline.prepare(sys.argv[1], sys.argv[2], records_per_shard=100, progress=False,
-                          num_threads=1)
+    data_pipeline.prepare(sys.argv[1], sys.argv[2], records_per_shard=100, progress=False)
     """
 )
 
@@ -226,6 +228,10 @@ def test_sigkill_during_prepare_then_rerun(tmp_path, mnist_small_npz):
     )
     try:
         assert proc.stdout.readline().strip() == "READY"
+        # Shards are fsynced and renamed by a second thread: wait for the first two.
+        deadline = time.monotonic() + 30
+        while len(shard_files(data_dir)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -389,6 +389,27 @@ SPEC_LIES = {
     ),
     "image-shape-string": _set(("image_shape",), "28"),
     "num-classes-lies": _set(("num_classes",), 12),
+    "num-classes-one": lambda raw: raw.update(num_classes=1, class_names=["a"]),
+    "class-names-count": _set(("class_names",), ["0", "1"]),
+    "class-names-duplicate": _set(("class_names",), ["0"] * 10),
+    "class-name-empty": _set(("class_names",), ["", *"123456789"]),
+    "class-name-line-break": _set(("class_names",), ["a\nb", *"123456789"]),
+    "class-names-string": _set(("class_names",), "0123456789"),
+    "image-shape-2-channels": lambda raw: (
+        raw.update(image_shape=[28, 14, 2]),
+        raw["features"]["image"].update(shape=[28, 14, 2]),
+    ),
+    "image-shape-2d": lambda raw: (
+        raw.update(image_shape=[28, 28]),
+        raw["features"]["image"].update(shape=[28, 28]),
+    ),
+    "image-shape-too-big": lambda raw: (
+        raw.update(image_shape=[65536, 65536, 3]),
+        raw["features"]["image"].update(shape=[65536, 65536, 3]),
+    ),
+    "manifest-traversal": _set(("manifests",), {"test": "../test-files.txt"}),
+    "manifest-unknown-split": _set(("manifests",), {"valid": "valid-files.txt"}),
+    "fingerprint-not-string": _set(("fingerprint",), 7),
     "label-default-string": _set(("features", "label", "default"), "x"),
     "extra-feature": _set(("features", "extra"), {"dtype": "bogus", "shape": [], "encoding": "x"}),
     "compression-unknown": _set(("compression",), "ZLIB"),
@@ -520,7 +541,7 @@ BAD_SOURCES = {
     "malformed-header": (_magic, IDX_STEMS[0], "not an IDX file"),
     "truncated-idx": (_truncated, IDX_STEMS[2], "truncated"),
     "gzip-bad-crc": (_gzip_crc, IDX_STEMS[3], "corrupt gzip"),
-    "labels-out-of-range": (None, IDX_STEMS[1], "[0, 10)"),
+    "labels-out-of-range": (None, IDX_STEMS[3], "[0, 6)"),
     "images-32x32": (None, IDX_STEMS[2], "28, 28"),
 }
 
@@ -529,8 +550,9 @@ BAD_SOURCES = {
 def test_cli_prepare_bad_source(tmp_path, case):
     make_raw, stem, problem = BAD_SOURCES[case]
     arrays = small_arrays()
-    if case == "labels-out-of-range":
-        arrays[1][2] = 10
+    if case == "labels-out-of-range":  # Train labels 0..5 make 6 classes; a test label is 6.
+        arrays[1][:] = np.arange(6)
+        arrays[3][:] = [0, 1, 6, 2]
     if case == "images-32x32":
         arrays[2] = small_arrays(size=32)[2]
     source = write_idx_folder(tmp_path / "src", arrays, make_raw(arrays) if make_raw else None)
