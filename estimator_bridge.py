@@ -770,12 +770,14 @@ def _eager_model(config: Config, spec) -> keras.Model:
         )
 
 
-def _keyed_weights(network: Network, model: keras.Model) -> List[Tuple[str, tf.Variable]]:
+def _keyed_weights(
+    config: Config, network: Network, model: keras.Model
+) -> List[Tuple[str, tf.Variable]]:
     """Pairs the eager model's weights with the network's checkpoint keys, by position."""
     shapes = tuple(tuple(w.shape.as_list()) for w in model.weights)
     if shapes != network.shapes:
         raise UsageError(
-            f"--model={model.name}: the builder gave {len(shapes)} weights this time and "
+            f"--model={config.model}: the builder gave {len(shapes)} weights this time and "
             f"{len(network.shapes)} (or other shapes) before; it must build the same network "
             "every time it is called"
         )
@@ -796,7 +798,7 @@ def keras_model_from_checkpoint(
     network = check_checkpoint_fits(config, checkpoint, spec=spec)
     model = _eager_model(config, spec)
     reader = tf.train.load_checkpoint(checkpoint)
-    for key, weight in _keyed_weights(network, model):
+    for key, weight in _keyed_weights(config, network, model):
         weight.assign(reader.get_tensor(key))
     return model
 
@@ -824,7 +826,7 @@ def keras_weights_to_checkpoint(
             f"cannot load Keras weights for {config.model!r} from {weights_path}: "
             f"{_first_line(error)}"
         ) from None
-    values = {key: weight.numpy() for key, weight in _keyed_weights(network, model)}
+    values = {key: weight.numpy() for key, weight in _keyed_weights(config, network, model)}
     return _write_keyed_checkpoint(values, out_dir)
 
 

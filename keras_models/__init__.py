@@ -13,7 +13,7 @@ model each call (see :mod:`keras_models.resolve`).
 Importing this package imports TensorFlow and ``tf_keras`` but never ``tensorflow_estimator``.
 """
 
-from typing import Callable, Mapping, Tuple
+from typing import Callable, Tuple
 
 import tf_keras as keras
 
@@ -30,7 +30,6 @@ from keras_models.resolve import (
 )
 from keras_models.resolve import REGISTRY as MODELS
 
-MODELS: Mapping[str, Callable[..., keras.Model]]
 MODEL_NAMES: Tuple[str, ...] = tuple(sorted(MODELS))
 
 
