@@ -1,11 +1,13 @@
 """One generic Estimator ``model_fn`` for any functional Keras model, and what the Estimator needs.
 
 The Keras networks in :mod:`keras_models` know nothing of the Estimator. This module builds the
-network named in ``params`` inside :func:`model_fn`, calls it under the mode flag and returns
-``EstimatorSpec`` objects. Around it sit the run's :class:`Config`, the Estimator and its
-input_fns (:func:`make_estimator`, :func:`make_input_fn`), checkpoint checks, the serving
-receivers and the bridges back to plain Keras (:func:`keras_model_from_checkpoint`,
-:func:`keras_weights_to_checkpoint`). The jobs that ``main.py`` runs are in :mod:`jobs`.
+network named in ``params`` inside :func:`model_fn` (a registry name,
+``package.module:function`` or a model file, resolved by :func:`keras_models.resolve_model`),
+calls it under the mode flag and returns ``EstimatorSpec`` objects. Around it sit the run's
+:class:`Config`, the Estimator and its input_fns (:func:`make_estimator`,
+:func:`make_input_fn`), checkpoint checks, the serving receivers and the bridges back to plain
+Keras (:func:`keras_model_from_checkpoint`, :func:`keras_weights_to_checkpoint`). The jobs that
+``main.py`` runs are in :mod:`jobs`.
 
 Pitfalls of Keras inside ``model_fn`` on TF 2.15 that shape the code below:
 
@@ -15,18 +17,22 @@ Pitfalls of Keras inside ``model_fn`` on TF 2.15 that shape the code below:
   (``get_updates_for``) and grouped with the train op;
 * regularisation losses live in ``model.losses`` and are added to the loss by hand;
 * a ``tf.compat.v1.train`` optimizer drives the global step;
-* every layer has an explicit name, so checkpoint keys are ``<layer>/<weight>`` and stay stable
-  between the Estimator graph and an eager Keras model.
+* checkpoint keys are the variable names of a fresh graph (:func:`describe_network` builds the
+  network in a throwaway ``tf.Graph`` to list them); an eager Keras model's weights are matched
+  to them by position, because Keras names unnamed layers from a per-graph counter in graph mode
+  but from a process-wide one eagerly (``dense`` in every Estimator graph, ``dense_2`` in the
+  third eager build).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tf_keras as keras
@@ -45,6 +51,10 @@ LR_SCHEDULES = ("constant", "cosine", "exponential")
 EVAL_SPLITS = ("train", "test", "both")
 # Graph collection holding the total training loss (cross-entropy plus regularisers).
 LOSS_COLLECTION = "estimator_bridge_total_loss"
+# Checkpoint key of a string variable recording the --model and --model_params trained.
+MODEL_KEY = "estimator_bridge_model"
+# Key of the model's own output among the layer outputs, when no single layer gives it.
+_OUTPUT = ":output"
 
 
 class UsageError(Exception):
@@ -64,7 +74,9 @@ class Config:
     """Everything one run needs; ``main.py`` fills it from flags, tests build it directly.
 
     Attributes:
-        model: Registry name of the network (see ``keras_models.MODEL_NAMES``).
+        model: A registry name (``keras_models.MODEL_NAMES``), ``package.module:function`` (a
+            builder returning a functional ``keras.Model``) or a ``.keras``/``.h5`` model file
+            (its weights start training unless ``warm_start_from`` is set).
         data_dir: Folder holding the TFRecord shards and ``dataset_spec.json``.
         model_dir: Checkpoints and TensorBoard summaries.
         batch_size: Training batch size.
@@ -73,8 +85,9 @@ class Config:
         train_steps: Training length as a global step; overrides ``epochs`` when set.
         learning_rate: Peak learning rate for Adam.
         lr_schedule: ``constant``, ``cosine`` (to 0 at the last step) or ``exponential``.
-        dropout_rate: Dropout before the logits layer.
-        model_params: Extra keyword arguments for the network builder.
+        dropout_rate: Dropout before the logits layer (for builders taking ``dropout_rate``).
+        model_params: Keyword arguments for the builder; they override the dataset's
+            ``input_shape``/``num_classes`` and ``dropout_rate``.
         precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss).
         augment: Random shifts of up to ``augment_shift`` pixels on training images.
         augment_shift: Largest shift, in pixels.
@@ -137,10 +150,8 @@ class Config:
     distribution: str = "none"
 
     def validate(self) -> None:
-        """Raises UsageError for values no run can use."""
-        if self.model not in keras_models.MODEL_NAMES:
-            choices = ", ".join(keras_models.MODEL_NAMES)
-            raise UsageError(f"unknown model {self.model!r}; choose one of: {choices}")
+        """Raises UsageError (or ``keras_models.ModelError``) for values no run can use."""
+        resolve(self)
         for name in (
             "batch_size",
             "eval_batch_size",
@@ -185,13 +196,15 @@ def model_fn(features, labels, mode, params):
     work is done by :func:`_model_fn`, which AutoGraph leaves alone.
 
     Args:
-        features: ``{"image": float32 [batch, 28, 28, 1]}``.
+        features: ``{"image": float32 [batch, H, W, C]}``.
         labels: int64 ``[batch]`` class ids (``None`` in PREDICT).
         mode: A ``tf.estimator.ModeKeys`` value.
-        params: Dict with ``model`` (a registry name or a builder returning a ``keras.Model``),
-            ``model_params`` (builder kwargs), ``learning_rate``, and optionally
-            ``lr_schedule`` + ``decay_steps``, ``precision`` and ``intermediates`` (add every
-            named layer's output to the predictions).
+        params: Dict with ``model`` (what ``--model`` takes, or a builder callable),
+            ``learning_rate``, and optionally ``model_params`` (builder kwargs),
+            ``dropout_rate``, ``input_shape`` and ``num_classes`` (offered to builders that take
+            them), ``class_names``, ``lr_schedule`` + ``decay_steps``, ``precision``,
+            ``intermediates`` (add every layer's output to the predictions) and
+            ``model_identity`` (recorded under ``MODEL_KEY`` when training).
 
     Returns:
         A ``tf.estimator.EstimatorSpec`` for ``mode``.
@@ -204,13 +217,14 @@ def _model_fn(features, labels, mode, params):
     images = features["image"]
     training = mode == TRAIN
     _seed_initializers(params.get("seed"))
-    model = _build_model(params)
+    model = _build_model({"input_shape": images.shape[1:], **params})
     if training and params.get("seed") is not None:
         _seed_random_layers_by_step(model, params["seed"])
-    # One call of a multi-output view of the same layers gives the logits and, for free, every
-    # named intermediate tensor (the tutorial listed conv1, pool1, ... by hand).
-    layer_outputs = _layer_outputs_model(model)(images, training=training)
-    logits = tf.cast(layer_outputs[model.output_names[0]], tf.float32)
+    # One call of a multi-output view of the same layers gives the output and, for free, every
+    # layer's intermediate tensor (the tutorial listed conv1, pool1, ... by hand).
+    outputs_model, output_key = _layer_outputs_model(model)
+    layer_outputs = outputs_model(images, training=training)
+    logits = _logits(layer_outputs[output_key])
     probabilities = tf.nn.softmax(logits)
     classes = tf.argmax(logits, axis=-1)
 
@@ -218,9 +232,12 @@ def _model_fn(features, labels, mode, params):
         predictions = {"classes": classes, "probabilities": probabilities, "logits": logits}
         if params.get("intermediates"):
             for name, tensor in layer_outputs.items():
-                predictions.setdefault(name, tf.cast(tensor, tf.float32))
+                if name != _OUTPUT:
+                    predictions.setdefault(name, tf.cast(tensor, tf.float32))
         return tf.estimator.EstimatorSpec(
-            mode, predictions=predictions, export_outputs=_export_outputs(predictions)
+            mode,
+            predictions=predictions,
+            export_outputs=_export_outputs(predictions, params.get("class_names")),
         )
 
     labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
@@ -247,17 +264,28 @@ def _model_fn(features, labels, mode, params):
     updates = model.get_updates_for(None) + model.get_updates_for(images)
     train_op = tf.group(minimize, *updates)
     tf.compat.v1.add_to_collection(LOSS_COLLECTION, loss)  # for ProgressHook
+    if params.get("model_identity"):
+        # Saved with the checkpoints (not trained), so a mismatch can name the model trained.
+        tf.compat.v1.Variable(
+            params["model_identity"],
+            trainable=False,
+            name=MODEL_KEY,
+            collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES],
+        )
     _train_summaries(images, labels, classes, learning_rate, layer_outputs)
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
 
 
 def _build_model(params: Mapping[str, Any]) -> keras.Model:
     """Builds the network from ``params`` under the requested dtype policy."""
-    builder = params["model"]
-    if isinstance(builder, str):
-        builder = keras_models.get_builder(builder)
+    resolved = keras_models.resolve_model(params["model"], params.get("model_params"))
+    input_shape = params.get("input_shape")
     with precision_policy(params.get("precision", "float32")):
-        model = builder(**params.get("model_params", {}))
+        model = resolved.build(
+            None if input_shape is None else tuple(input_shape),
+            params.get("num_classes"),
+            dropout_rate=params.get("dropout_rate"),
+        )
     _use_fused_recurrent_kernels(model)
     return model
 
@@ -306,6 +334,31 @@ def _seed_random_layers_by_step(model: keras.Model, seed: int) -> None:
             layer._random_generator = _StepSeededGenerator(seed, index)  # private: see the class
 
 
+def _softmax_input(output: tf.Tensor) -> Optional[tf.Tensor]:
+    """The logits under a softmax output, as Keras' own ``categorical_crossentropy`` finds them.
+
+    A ``Softmax`` op, possibly behind ``Cast`` (a float32 output of a bfloat16 softmax, or the
+    other way round) or ``Identity`` ops, gives its input; anything else gives None.
+    """
+    logits = getattr(output, "_keras_logits", None)  # set by keras.activations.softmax
+    if logits is not None:
+        return logits
+    tensor = output
+    while tensor.op.type in ("Cast", "Identity"):
+        tensor = tensor.op.inputs[0]
+    return tensor.op.inputs[0] if tensor.op.type == "Softmax" else None
+
+
+def _logits(output: tf.Tensor) -> tf.Tensor:
+    """Float32 logits of the model's output: the output itself, or the input of its softmax.
+
+    Training on the softmax's input keeps the cross-entropy numerically stable (no log of a
+    rounded probability), and a softmax model exports the same signatures as a logits one.
+    """
+    logits = _softmax_input(output)
+    return tf.cast(output if logits is None else logits, tf.float32)
+
+
 def _use_fused_recurrent_kernels(model: keras.Model) -> None:
     """Gives Keras GRU/LSTM layers the fused loop they get in ``fit``, in the Estimator graph.
 
@@ -342,30 +395,56 @@ def precision_policy(precision: str) -> Iterator[None]:
         keras.mixed_precision.set_global_policy(previous)
 
 
-def _layer_outputs_model(model: keras.Model) -> keras.Model:
-    """A model sharing ``model``'s layers whose outputs are ``{layer name: output}``."""
-    outputs = {
-        layer.name: layer.output
-        for layer in model.layers
-        if not isinstance(layer, keras.layers.InputLayer)
-    }
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_layer_outputs")
+def _layer_outputs_model(model: keras.Model) -> Tuple[keras.Model, str]:
+    """A model sharing ``model``'s layers whose outputs are ``{layer name: output}``.
+
+    Only layers with one unambiguous output in ``model`` are included: a shared layer (called
+    more than once) has none, nor has a layer returning several tensors; a nested model's
+    output is the one of its call inside ``model``, not its own internal one. (The node keys
+    are Keras' private ``<layer>_ib-<node index>`` names of the nodes that belong to the model.)
+
+    Returns:
+        The model and the key of ``model``'s own output among its outputs.
+    """
+    outputs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        nodes = [
+            index
+            for index in range(len(layer._inbound_nodes))
+            if f"{layer.name}_ib-{index}" in model._network_nodes
+        ]
+        if len(nodes) != 1:
+            continue
+        output = layer.get_output_at(nodes[0])
+        if isinstance(output, tf.Tensor) and output.shape.rank:
+            outputs[layer.name] = output
+    output_key = next((k for k, t in outputs.items() if t is model.outputs[0]), None)
+    if output_key is None:
+        outputs[_OUTPUT] = model.outputs[0]
+        output_key = _OUTPUT
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_layer_outputs"), output_key
 
 
-def _export_outputs(predictions: Mapping[str, tf.Tensor]) -> Dict[str, Any]:
-    """Serving signatures: a small predict signature, a classification one, and everything."""
+def _export_outputs(
+    predictions: Mapping[str, tf.Tensor], class_names: Optional[Sequence[str]] = None
+) -> Dict[str, Any]:
+    """Serving signatures: a small predict signature, a classification one, and everything.
+
+    The classification signature's ``classes`` are the dataset's class names (``"0"`` ...
+    ``"N-1"`` when it has none).
+    """
     probabilities = predictions["probabilities"]
     num_classes = int(probabilities.shape[-1])
-    class_names = tf.tile(
-        tf.expand_dims(tf.strings.as_string(tf.range(num_classes)), 0),
-        [tf.shape(probabilities)[0], 1],
-    )
+    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    classes = tf.tile(tf.constant([names], tf.string), [tf.shape(probabilities)[0], 1])
     export = tf.estimator.export
     return {
         "serving_default": export.PredictOutput(
             {"classes": predictions["classes"], "probabilities": probabilities}
         ),
-        "classification": export.ClassificationOutput(scores=probabilities, classes=class_names),
+        "classification": export.ClassificationOutput(scores=probabilities, classes=classes),
         "predict": export.PredictOutput(dict(predictions)),
     }
 
@@ -415,9 +494,11 @@ def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> N
         "train_accuracy", tf.reduce_mean(tf.cast(tf.equal(labels, classes), tf.float32))
     )
     tf.compat.v1.summary.scalar("learning_rate", learning_rate)
-    tf.compat.v1.summary.image("input_images", images, max_outputs=4)
+    # Image summaries take 1, 3 or 4 channels; other images show their first channel.
+    shown = images if images.shape[-1] in (1, 3, 4) else images[..., :1]
+    tf.compat.v1.summary.image("input_images", shown, max_outputs=4)
     conv1 = layer_outputs.get("conv1")
-    if conv1 is not None:
+    if conv1 is not None and conv1.shape.rank in (3, 4):
         tf.compat.v1.summary.image("conv1_feature_maps", feature_map_grid(conv1), max_outputs=1)
 
 
@@ -455,9 +536,70 @@ def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def model_params(config: Config) -> Dict[str, Any]:
-    """Builder keyword arguments: the config's dropout rate plus any extras."""
-    return {"dropout_rate": config.dropout_rate, **config.model_params}
+def resolve(config: Config) -> keras_models.ResolvedModel:
+    """``config.model`` and ``config.model_params`` resolved (``keras_models.resolve_model``)."""
+    return keras_models.resolve_model(config.model, config.model_params)
+
+
+def class_names(spec) -> Tuple[str, ...]:
+    """The dataset's class names; ``"0"`` ... ``"N-1"`` for specs written without them."""
+    names = getattr(spec, "class_names", None)
+    return tuple(names) if names else tuple(str(i) for i in range(spec.num_classes))
+
+
+def model_params(config: Config, spec) -> Dict[str, Any]:
+    """The network part of the model_fn's ``params``: what to build and for which data."""
+    return {
+        "model": config.model,
+        "model_params": dict(config.model_params),
+        "dropout_rate": config.dropout_rate,
+        "input_shape": tuple(spec.image_shape),
+        "num_classes": spec.num_classes,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """What a build of the network in a throwaway graph says about it.
+
+    Attributes:
+        keys: Checkpoint keys of its weights, in ``model.weights`` order: the variable names
+            an Estimator graph gives them.
+        shapes: The weights' shapes, in the same order.
+        layers: Its layer names.
+        softmax: Whether its output is a softmax (the bridge then trains on the softmax's input).
+    """
+
+    keys: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+    layers: Tuple[str, ...]
+    softmax: bool
+
+
+def describe_network(config: Config, spec=None) -> Network:
+    """Builds the network (float32) in a throwaway graph and lists its checkpoint layout.
+
+    Jobs call it first: a builder that fails or returns a model the bridge cannot train
+    (``keras_models.ModelError``) stops the job before anything is written.
+    """
+    spec = spec or data_pipeline.load_spec(config.data_dir)
+    with tf.Graph().as_default():
+        model = _build_model(model_params(config, spec))
+        return Network(
+            keys=tuple(_variable_key(w) for w in model.weights),
+            shapes=tuple(tuple(w.shape.as_list()) for w in model.weights),
+            layers=tuple(layer.name for layer in model.layers),
+            softmax=_softmax_input(model.outputs[0]) is not None,
+        )
+
+
+def _variable_key(weight: tf.Variable) -> str:
+    return re.sub(r":\d+$", "", weight.name)
+
+
+def model_identity(config: Config) -> str:
+    """What ``MODEL_KEY`` records: the ``--model`` and ``--model_params`` of the run (JSON)."""
+    return json.dumps({"model": config.model, "model_params": config.model_params}, sort_keys=True)
 
 
 def make_estimator(
@@ -476,8 +618,9 @@ def make_estimator(
     """
     spec = spec or data_pipeline.load_spec(config.data_dir)
     params = {
-        "model": config.model,
-        "model_params": model_params(config),
+        **model_params(config, spec),
+        "class_names": class_names(spec),
+        "model_identity": _identity_to_record(config),
         "learning_rate": config.learning_rate,
         "lr_schedule": config.lr_schedule,
         "decay_steps": target_step(config, spec),
@@ -503,6 +646,22 @@ def make_estimator(
     return tf.estimator.Estimator(
         model_fn, config=run_config, params=params, warm_start_from=warm_start
     )
+
+
+def _identity_to_record(config: Config) -> Optional[str]:
+    """The model identity to save when training, None when resuming a checkpoint without one.
+
+    A checkpoint written before ``MODEL_KEY`` existed lacks the variable, and restoring a graph
+    that has it from such a checkpoint would fail: those runs resume without recording it.
+    """
+    latest = tf.train.latest_checkpoint(config.model_dir)
+    if latest is None:
+        return model_identity(config)
+    try:
+        stored = dict(tf.train.list_variables(latest))
+    except (tf.errors.OpError, ValueError):
+        return None
+    return model_identity(config) if MODEL_KEY in stored else None
 
 
 def target_step(config: Config, spec=None) -> int:
@@ -593,50 +752,66 @@ def resolve_checkpoint(config: Config) -> str:
 
 
 def check_checkpoint_fits(
-    config: Config, checkpoint: str, model: Optional[keras.Model] = None
-) -> keras.Model:
+    config: Config, checkpoint: str, network: Optional[Network] = None, spec=None
+) -> Network:
     """Raises ``UsageError`` unless ``checkpoint`` holds every weight of the network, same shapes.
 
     Jobs call it before restoring anything, so a checkpoint from another ``--model`` (or other
-    builder arguments) is one line naming the mismatch instead of a restore traceback, and no
-    export, prediction or checkpoint has been written yet.
+    builder arguments) is one line naming the mismatch (and, from its ``MODEL_KEY``, the model
+    it was trained with) instead of a restore traceback, and no export, prediction or
+    checkpoint has been written yet.
 
     Args:
         config: Names the network and its builder arguments.
         checkpoint: A checkpoint prefix.
-        model: The network, if already built (float32); built from ``config`` otherwise.
+        network: :func:`describe_network`'s result, if already known.
+        spec: The dataset spec (loaded from ``config.data_dir`` if needed and omitted).
 
     Returns:
-        The network (float32, its weights not loaded from the checkpoint).
+        The network's :class:`Network`.
     """
     try:
-        stored = dict(tf.train.list_variables(checkpoint))
+        reader = tf.train.load_checkpoint(checkpoint)
+        stored = reader.get_variable_to_shape_map()
     except (tf.errors.OpError, ValueError) as error:
         raise UsageError(f"checkpoint {checkpoint} is unreadable ({_first_line(error)})") from None
-    if model is None:
-        with precision_policy("float32"):
-            model = _eager_model(config)
-    expected = {_checkpoint_key(w): w.shape.as_list() for w in model.weights}
+    network = network or describe_network(config, spec)
+    expected = dict(zip(network.keys, network.shapes))
     missing = [key for key in expected if key not in stored]
-    wrong = [key for key in expected if key in stored and list(stored[key]) != expected[key]]
+    wrong = [key for key in expected if key in stored and tuple(stored[key]) != expected[key]]
     if missing:
         problem = f"no {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
     elif wrong:
         key = wrong[0]
-        problem = f"{key} is {list(stored[key])} there, the network's is {expected[key]}"
+        problem = f"{key} is {list(stored[key])} there, the network's is {list(expected[key])}"
     else:
-        return model
+        return network
     raise UsageError(
-        f"checkpoint {checkpoint} does not fit --model={config.model} ({problem}); pass the "
-        "--model and network settings it was trained with, or another --model_dir"
+        f"checkpoint {checkpoint} does not fit --model={config.model} ({problem})"
+        f"{_trained_with(reader, stored)}; pass the --model and network settings it was trained "
+        "with, or another --model_dir"
     )
 
 
-def check_resumable(config: Config) -> None:
+def _trained_with(reader, stored) -> str:
+    """``"; it was trained with --model=X [--model_params=...]"`` from ``MODEL_KEY``, or ``""``."""
+    if MODEL_KEY not in stored:  # written before the key existed
+        return ""
+    try:
+        identity = json.loads(reader.get_tensor(MODEL_KEY).decode())
+        text = f"; it was trained with --model={identity['model']}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    if identity.get("model_params"):
+        text += f" --model_params='{json.dumps(identity['model_params'], sort_keys=True)}'"
+    return text
+
+
+def check_resumable(config: Config, network: Optional[Network] = None) -> None:
     """Training resumes from ``model_dir``'s latest checkpoint, if any: it must fit the network."""
     latest = tf.train.latest_checkpoint(config.model_dir)
     if latest:
-        check_checkpoint_fits(config, latest)
+        check_checkpoint_fits(config, latest, network)
 
 
 def _first_line(error: BaseException) -> str:
@@ -675,40 +850,59 @@ def serving_input_receiver_fn(spec) -> Callable[[], tf.estimator.export.ServingI
     return receiver_fn
 
 
-def _eager_model(config: Config) -> keras.Model:
-    return keras_models.build_model(config.model, **model_params(config))
+def _eager_model(config: Config, spec) -> keras.Model:
+    with precision_policy("float32"):
+        return resolve(config).build(
+            tuple(spec.image_shape), spec.num_classes, dropout_rate=config.dropout_rate
+        )
 
 
-def keras_model_from_checkpoint(config: Config, checkpoint: Optional[str] = None) -> keras.Model:
+def _keyed_weights(
+    config: Config, network: Network, model: keras.Model
+) -> List[Tuple[str, tf.Variable]]:
+    """Pairs the eager model's weights with the network's checkpoint keys, by position."""
+    shapes = tuple(tuple(w.shape.as_list()) for w in model.weights)
+    if shapes != network.shapes:
+        raise UsageError(
+            f"--model={config.model}: the builder gave {len(shapes)} weights this time and "
+            f"{len(network.shapes)} (or other shapes) before; it must build the same network "
+            "every time it is called"
+        )
+    return list(zip(network.keys, model.weights))
+
+
+def keras_model_from_checkpoint(
+    config: Config, checkpoint: Optional[str] = None, spec=None
+) -> keras.Model:
     """The network as a plain (float32) Keras model with the Estimator checkpoint's weights.
 
-    Checkpoint keys are the weights' names without ``:0`` (``conv1/kernel``), stable because every
-    layer is named.
+    The eager model's weights take the checkpoint's values by position in the network's
+    layout (:func:`describe_network`), so unnamed layers (``dense_7`` eagerly, ``dense`` in the
+    Estimator graph) load correctly.
     """
     checkpoint = checkpoint or resolve_checkpoint(config)
-    with precision_policy("float32"):
-        model = _eager_model(config)
-    check_checkpoint_fits(config, checkpoint, model)
+    spec = spec or data_pipeline.load_spec(config.data_dir)
+    network = check_checkpoint_fits(config, checkpoint, spec=spec)
+    model = _eager_model(config, spec)
     reader = tf.train.load_checkpoint(checkpoint)
-    for weight in model.weights:
-        weight.assign(reader.get_tensor(_checkpoint_key(weight)))
+    for key, weight in _keyed_weights(config, network, model):
+        weight.assign(reader.get_tensor(key))
     return model
 
 
-def _checkpoint_key(weight: tf.Variable) -> str:
-    return re.sub(r":\d+$", "", weight.name)
-
-
-def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str) -> List[str]:
+def keras_weights_to_checkpoint(
+    config: Config, weights_path: str, out_dir: str, network: Optional[Network] = None, spec=None
+) -> List[str]:
     """Writes a Keras weights file as a name-keyed checkpoint an Estimator can warm-start from.
 
     Returns:
-        The checkpoint keys written (the network's weights, named ``<layer>/<weight>``).
+        The checkpoint keys written (the network's, see :func:`describe_network`).
     """
     if not os.path.exists(weights_path):
         raise UsageError(f"--warm_start_from {weights_path} does not exist")
-    with precision_policy("float32"):
-        model = _eager_model(config)
+    spec = spec or data_pipeline.load_spec(config.data_dir)
+    network = network or describe_network(config, spec)
+    model = _eager_model(config, spec)
     try:
         if weights_path.endswith(".keras"):
             model.set_weights(keras.models.load_model(weights_path, compile=False).get_weights())
@@ -719,9 +913,13 @@ def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str)
             f"cannot load Keras weights for {config.model!r} from {weights_path}: "
             f"{_first_line(error)}"
         ) from None
-    values = {_checkpoint_key(w): w.numpy() for w in model.weights}
+    values = {key: weight.numpy() for key, weight in _keyed_weights(config, network, model)}
+    return _write_keyed_checkpoint(values, out_dir)
+
+
+def _write_keyed_checkpoint(values: Mapping[str, Any], out_dir: str) -> List[str]:
+    """Writes ``out_dir/keras_weights``, a name-keyed (TF1) checkpoint as warm starts read."""
     os.makedirs(out_dir, exist_ok=True)
-    # A name-keyed (TF1-style) checkpoint, the format WarmStartSettings reads.
     with tf.Graph().as_default():
         graph_vars = {
             name: tf.compat.v1.Variable(value, name=name) for name, value in values.items()
@@ -733,10 +931,28 @@ def keras_weights_to_checkpoint(config: Config, weights_path: str, out_dir: str)
     return sorted(values)
 
 
-def warm_start_settings(config: Config) -> tf.estimator.WarmStartSettings:
-    """Warm-start settings from ``config.warm_start_from`` (a Keras weights file)."""
+def warm_start_settings(
+    config: Config, network: Optional[Network] = None, spec=None
+) -> Optional[tf.estimator.WarmStartSettings]:
+    """Where a new model dir's training starts: ``warm_start_from``, or a model file's weights.
+
+    Returns:
+        None when ``model_dir`` already has a checkpoint (training resumes from it) or there is
+        nothing to start from.
+    """
+    if tf.train.latest_checkpoint(config.model_dir):
+        return None
     out_dir = os.path.join(config.model_dir, "warm_start")
-    names = keras_weights_to_checkpoint(config, config.warm_start_from, out_dir)
+    if config.warm_start_from:
+        names = keras_weights_to_checkpoint(config, config.warm_start_from, out_dir, network, spec)
+    else:
+        weights = resolve(config).weights
+        if weights is None:
+            return None
+        network = network or describe_network(config, spec)
+        if tuple(tuple(w.shape) for w in weights) != network.shapes:
+            raise UsageError(f"the weights in {config.model} do not fit its own architecture")
+        names = _write_keyed_checkpoint(dict(zip(network.keys, weights)), out_dir)
     return tf.estimator.WarmStartSettings(
         ckpt_to_initialize_from=os.path.join(out_dir, "keras_weights"),
         # Matched with re.match against graph names such as "conv1/kernel:0"; the colon stops

@@ -13,7 +13,18 @@ def define_flags() -> None:
     """Defines every flag; called once from ``main.py`` so importing this module has no effect."""
     f = flags
     f.DEFINE_enum("mode", "train", MODES, "What to run.")
-    f.DEFINE_enum("model", "cnn", MODEL_NAMES, "Network from keras_models.")
+    f.DEFINE_string(
+        "model",
+        "cnn",
+        f"Network: one of {', '.join(MODEL_NAMES)}; or package.module:function, a builder "
+        "returning a functional keras.Model (it gets input_shape/num_classes from the data if it "
+        "takes them); or a .keras/.h5 model file (its weights start training).",
+    )
+    f.DEFINE_string(
+        "model_params",
+        None,
+        """Builder keyword arguments as a JSON object, e.g. '{"dense_units": 512}'.""",
+    )
     # Data.
     f.DEFINE_string("data_dir", "data/mnist", "Folder of TFRecord shards + dataset_spec.json.")
     f.DEFINE_string(
@@ -47,7 +58,12 @@ def define_flags() -> None:
     f.DEFINE_bool("gzip", False, "prepare: GZIP-compress the shards.")
     f.DEFINE_bool("overwrite", False, "prepare: rewrite complete output instead of reusing it.")
     # Training.
-    f.DEFINE_string("model_dir", None, "Checkpoints and summaries (default models/<model>).")
+    f.DEFINE_string(
+        "model_dir",
+        None,
+        "Checkpoints and summaries (default models/<label>: the registry name, builder function "
+        "name or model file stem).",
+    )
     f.DEFINE_integer("batch_size", 128, "Training batch size (the tutorial's 128).")
     f.DEFINE_integer("eval_batch_size", 1000, "Evaluation and prediction batch size.")
     f.DEFINE_float(
@@ -58,7 +74,9 @@ def define_flags() -> None:
     )
     f.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate.")
     f.DEFINE_enum("lr_schedule", "constant", ("constant", "cosine", "exponential"), "LR decay.")
-    f.DEFINE_float("dropout_rate", 0.4, "Dropout before the logits layer.")
+    f.DEFINE_float(
+        "dropout_rate", 0.4, "Dropout before the logits layer (builders taking dropout_rate)."
+    )
     f.DEFINE_bool("augment", False, "Shift training images randomly by up to --augment_shift px.")
     f.DEFINE_integer("augment_shift", 2, "Largest random shift in pixels.", lower_bound=0)
     f.DEFINE_enum(
@@ -85,9 +103,9 @@ def define_flags() -> None:
     f.DEFINE_enum("eval_split", "test", ("train", "test", "both"), "Split(s) to evaluate.")
     f.DEFINE_integer("eval_throttle_secs", 60, "train_and_evaluate: least seconds between evals.")
     f.DEFINE_enum("predict_split", "test", ("train", "test"), "predict: split to predict.")
-    f.DEFINE_string("output_dir", None, "predict: CSV and plots (default predictions/<model>).")
+    f.DEFINE_string("output_dir", None, "predict: CSV and plots (default predictions/<label>).")
     f.DEFINE_bool("plot", False, "predict: also write PNGs of sample digits and conv1 maps.")
-    f.DEFINE_string("export_dir", None, "export: SavedModel parent (default exports/<model>).")
+    f.DEFINE_string("export_dir", None, "export: SavedModel parent (default exports/<label>).")
     f.DEFINE_string("keras_output", None, "export: also save the trained network as .keras here.")
     flags.register_validator(
         "image_size",

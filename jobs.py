@@ -23,6 +23,7 @@ import tf_keras as keras
 
 import data_pipeline
 import estimator_bridge as bridge
+import keras_models
 import preflight
 
 
@@ -40,9 +41,12 @@ def train(
         ``{"global_step", "examples_per_sec", "seconds"}`` for this invocation.
     """
     _preflight(config, "train")
-    bridge.check_resumable(config)  # reads only: a refused resume writes nothing, not even a lock
+    spec = data_pipeline.load_spec(config.data_dir)
+    network = bridge.describe_network(config, spec)  # a model that cannot train stops here
+    # Reads only: a refused resume writes nothing, not even a lock.
+    bridge.check_resumable(config, network)
     with preflight.trainer_lock(config.model_dir):
-        return _train(config, hooks)
+        return _train(config, spec, network, hooks)
 
 
 def _preflight(config: bridge.Config, mode: str) -> None:
@@ -52,9 +56,10 @@ def _preflight(config: bridge.Config, mode: str) -> None:
     preflight.warn_if_bf16_is_emulated(config.precision)
 
 
-def _train(config: bridge.Config, hooks: Sequence[tf.estimator.SessionRunHook]) -> Dict[str, Any]:
-    spec = data_pipeline.load_spec(config.data_dir)
-    warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
+def _train(
+    config: bridge.Config, spec, network, hooks: Sequence[tf.estimator.SessionRunHook]
+) -> Dict[str, Any]:
+    warm_start = bridge.warm_start_settings(config, network, spec)
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
     start = bridge.global_step_of(config.model_dir)
@@ -113,7 +118,7 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "evaluate")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
-    bridge.check_checkpoint_fits(config, checkpoint)
+    bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
     estimator = bridge.make_estimator(config, spec)
     splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
     results = {}
@@ -154,14 +159,15 @@ def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
         The final evaluation metrics (scalars only) and where the best export went.
     """
     _preflight(config, "train_and_evaluate")
-    bridge.check_resumable(config)
-    with preflight.trainer_lock(config.model_dir):
-        return _train_and_evaluate(config)
-
-
-def _train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
-    warm_start = bridge.warm_start_settings(config) if config.warm_start_from else None
+    network = bridge.describe_network(config, spec)
+    bridge.check_resumable(config, network)
+    with preflight.trainer_lock(config.model_dir):
+        return _train_and_evaluate(config, spec, network)
+
+
+def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
+    warm_start = bridge.warm_start_settings(config, network, spec)
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
     split = "train" if config.eval_split == "train" else "test"
@@ -209,7 +215,10 @@ def _higher_accuracy(best_eval_result, current_eval_result) -> bool:
 
 
 def predict(config: bridge.Config) -> Dict[str, Any]:
-    """Writes ``predictions-<split>.csv`` (index, label, class, probability) and optional plots.
+    """Writes ``predictions-<split>.csv`` and optional plots.
+
+    The CSV's columns are index, label, class, probability (of the predicted class), then
+    label_name and class_name (the dataset's class names).
 
     Returns:
         ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
@@ -217,9 +226,10 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "predict")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
-    model = bridge.check_checkpoint_fits(config, checkpoint)
+    network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
+    names = bridge.class_names(spec)
     keys = ["classes", "probabilities"]
-    if config.plot and "conv1" in [layer.name for layer in model.layers]:
+    if config.plot and "conv1" in network.layers:
         keys.append("conv1")
     estimator = bridge.make_estimator(config, spec, intermediates="conv1" in keys)
     split = config.predict_split
@@ -235,17 +245,18 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     errors = data_pipeline.translate_errors(config.data_dir)
     with errors, open(csv_path + ".tmp", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "label", "class", "probability"])
+        writer.writerow(["index", "label", "class", "probability", "label_name", "class_name"])
         rows = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
         for index, row in enumerate(rows):
             label, cls = int(labels[index]), int(row["classes"])
-            writer.writerow([index, label, cls, f"{row['probabilities'][cls]:.6f}"])
+            probability = f"{row['probabilities'][cls]:.6f}"
+            writer.writerow([index, label, cls, probability, names[label], names[cls]])
             correct += cls == label
             count += 1
             if len(samples) < _PLOTTED_DIGITS:
                 samples.append(row)
     os.replace(csv_path + ".tmp", csv_path)
-    plots = _plot_predictions(config, samples, labels) if config.plot else []
+    plots = _plot_predictions(config, samples, labels, names) if config.plot else []
     return {
         "csv": csv_path,
         "examples": count,
@@ -266,8 +277,12 @@ def _labels(config: bridge.Config, split: str) -> np.ndarray:
     return np.concatenate([labels.numpy() for _, labels in dataset])
 
 
-def _plot_predictions(config: bridge.Config, samples, labels) -> List[str]:
-    """Writes a grid of the first digits with their predictions and the conv1 feature maps."""
+def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[str]) -> List[str]:
+    """Writes a grid of the first images with their predictions and the conv1 feature maps.
+
+    Images of any size are shown: one channel in grey, three or four as colour, others by
+    their first channel.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,22 +290,27 @@ def _plot_predictions(config: bridge.Config, samples, labels) -> List[str]:
 
     split = config.predict_split
     features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
-    images = features["image"].numpy()[..., 0]
+    images = features["image"].numpy()
+    if images.shape[-1] not in (3, 4):
+        images = images[..., 0]
     fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
     for ax, image, row, label in zip(axes.flat, images, samples, labels):
         cls = int(row["classes"])
-        ax.imshow(image, cmap="gray")
-        title = f"{cls} ({row['probabilities'][cls]:.2f})" + ("" if cls == label else f" ≠ {label}")
+        ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+        title = f"{_short(names[cls])} ({row['probabilities'][cls]:.2f})"
+        if cls != label:
+            title += f" ≠ {_short(names[label])}"
         ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"{config.model}: predicted class (probability); red: wrong, ≠ true label")
+    label = keras_models.model_label(config.model)
+    fig.suptitle(f"{label}: predicted class (probability); red: wrong, ≠ true label")
     paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    if samples and "conv1" in samples[0]:
-        maps = np.asarray(samples[0]["conv1"])
+    maps = np.asarray(samples[0]["conv1"]) if samples and "conv1" in samples[0] else None
+    if maps is not None and maps.ndim in (2, 3):
         if maps.ndim == 2:  # Conv1D: [rows, channels], one image
             fig, ax = plt.subplots(figsize=(6, 3))
             ax.imshow(maps.T, cmap="viridis", aspect="auto")
@@ -305,11 +325,15 @@ def _plot_predictions(config: bridge.Config, samples, labels) -> List[str]:
                 if channel < maps.shape[-1]:
                     ax.imshow(maps[..., channel], cmap="viridis")
                     ax.set_title(str(channel), fontsize=7)
-        fig.suptitle(f"{config.model}: conv1 feature maps of the first {split} digit")
+        fig.suptitle(f"{label}: conv1 feature maps of the first {split} image")
         paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+def _short(name: str, width: int = 10) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
 
 
 def export(config: bridge.Config) -> Dict[str, Any]:
@@ -321,7 +345,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "export")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
-    bridge.check_checkpoint_fits(config, checkpoint)
+    bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
     path = estimator.export_saved_model(
@@ -330,7 +354,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     path = path.decode() if isinstance(path, bytes) else path
     result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
     if config.keras_output:
-        model = bridge.keras_model_from_checkpoint(config, checkpoint)
+        model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output)
         result["keras"] = config.keras_output
     return result

@@ -22,11 +22,14 @@ FLAGS = absl_flags.FLAGS
 def build_config():
     """One estimator_bridge.Config from the parsed flags."""
     import estimator_bridge
+    import keras_models
 
+    label = keras_models.model_label(FLAGS.model)
     return estimator_bridge.Config(
         model=FLAGS.model,
+        model_params=keras_models.parse_model_params(FLAGS.model_params),
         data_dir=FLAGS.data_dir,
-        model_dir=FLAGS.model_dir or os.path.join("models", FLAGS.model),
+        model_dir=FLAGS.model_dir or os.path.join("models", label),
         batch_size=FLAGS.batch_size,
         eval_batch_size=FLAGS.eval_batch_size,
         epochs=FLAGS.epochs,
@@ -42,9 +45,9 @@ def build_config():
         eval_split=FLAGS.eval_split,
         eval_limit=FLAGS.limit,
         train_limit=FLAGS.limit,
-        export_dir=FLAGS.export_dir or os.path.join("exports", FLAGS.model),
+        export_dir=FLAGS.export_dir or os.path.join("exports", label),
         predict_split=FLAGS.predict_split,
-        output_dir=FLAGS.output_dir or os.path.join("predictions", FLAGS.model),
+        output_dir=FLAGS.output_dir or os.path.join("predictions", label),
         plot=FLAGS.plot,
         warm_start_from=FLAGS.warm_start_from,
         keras_output=FLAGS.keras_output,
@@ -89,6 +92,7 @@ def main(argv):
     tfenv.silence_python_logging()
     import data_pipeline
     import estimator_bridge
+    import keras_models
 
     try:
         result = run()
@@ -96,6 +100,7 @@ def main(argv):
         data_pipeline.DataError,
         estimator_bridge.UsageError,
         estimator_bridge.TrainingError,
+        keras_models.ModelError,
     ) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)

@@ -1,30 +1,35 @@
-"""The project's four MNIST networks as plain tf.keras (Keras 2, ``tf_keras``) models.
+"""The project's four MNIST networks as plain tf.keras (Keras 2) models, and the model resolver.
 
-Use them without any Estimator::
+Use the networks without any Estimator::
 
     from keras_models import build_model
 
     model = build_model("cnn", dropout_rate=0.5)  # an uncompiled keras.Model
 
+Or any other classifier: ``resolve_model("my_pkg.nets:build_net", {"width": 64})`` and
+``resolve_model("net.keras")`` give a :class:`ResolvedModel` whose ``build()`` returns a fresh
+model each call (see :mod:`keras_models.resolve`).
+
 Importing this package imports TensorFlow and ``tf_keras`` but never ``tensorflow_estimator``.
 """
 
-from types import MappingProxyType
-from typing import Callable, Mapping, Tuple
+from typing import Callable, Tuple
 
 import tf_keras as keras
 
 from keras_models.networks import build_birnn, build_cnn, build_cnn_rnn, build_rnn
-
-# Read-only so that importers cannot swap a builder out from under the Estimator bridge.
-MODELS: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(
-    {
-        "cnn": build_cnn,
-        "rnn": build_rnn,
-        "birnn": build_birnn,
-        "cnn_rnn": build_cnn_rnn,
-    }
+from keras_models.resolve import (
+    LOGITS,
+    SOFTMAX,
+    ModelError,
+    ResolvedModel,
+    check_classifier,
+    model_label,
+    parse_model_params,
+    resolve_model,
 )
+from keras_models.resolve import REGISTRY as MODELS
+
 MODEL_NAMES: Tuple[str, ...] = tuple(sorted(MODELS))
 
 
@@ -67,12 +72,20 @@ def build_model(name: str, **hparams) -> keras.Model:
 
 
 __all__ = [
+    "LOGITS",
     "MODELS",
     "MODEL_NAMES",
+    "SOFTMAX",
+    "ModelError",
+    "ResolvedModel",
     "build_birnn",
     "build_cnn",
     "build_cnn_rnn",
     "build_model",
     "build_rnn",
+    "check_classifier",
     "get_builder",
+    "model_label",
+    "parse_model_params",
+    "resolve_model",
 ]

@@ -2,7 +2,9 @@
 
 Every builder takes keyword-only hyper-parameters (defaults as in the tutorial, except the two
 below) and returns an uncompiled ``keras.Model`` that maps ``image`` (float32
-``[batch, 28, 28, 1]`` in ``[0, 1]``) to ``logits`` (``[batch, num_classes]``). Nothing here
+``[batch, 28, 28, 1]`` in ``[0, 1]`` by default; any ``input_shape`` (H, W, C) the layers fit:
+the cnn needs 4x4, the cnn_rnn 2 rows; the recurrent networks read each row's W x C values as
+one time step) to ``logits`` (``[batch, num_classes]``). Nothing here
 knows about the Estimator: the models train with ``compile``/``fit``, save to ``.keras``/``.h5``
 and serve like any other Keras model.
 
@@ -60,6 +62,14 @@ def _input_shape(value) -> Tuple[int, int, int]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
         raise ValueError(f"input_shape must be 3-D (height, width, channels), got {value!r}")
     return tuple(_positive_int(f"input_shape[{i}]", v) for i, v in enumerate(value))
+
+
+def _at_least(name: str, input_shape, height: int, width: int, why: str) -> None:
+    if input_shape[0] < height or input_shape[1] < width:
+        raise ValueError(
+            f"{name} needs images of at least {height}x{width} ({why}), got input_shape "
+            f"{list(input_shape)}"
+        )
 
 
 def _recurrent(standardize, gru_initializer):
@@ -213,6 +223,7 @@ def build_cnn(
     )
     filters1, filters2 = _positive_ints("conv_filters", conv_filters, 2)
     kernel_size = _positive_int("kernel_size", kernel_size)
+    _at_least("cnn", input_shape, 4, 4, "two 2x2 max-pools")
 
     image = _image_input(input_shape)
     x = keras.layers.Conv2D(filters1, kernel_size, padding="same", activation="relu", name="conv1")(
@@ -371,6 +382,7 @@ def build_cnn_rnn(
     kernel_size = _positive_int("kernel_size", kernel_size)
     gru_units = _positive_ints("gru_units", gru_units, 2)
     standardize, gru_initializer = _recurrent(standardize, gru_initializer)
+    _at_least("cnn_rnn", input_shape, 2, 1, "a 2-row max-pool")
 
     image = _image_input(input_shape)
     x = keras.layers.Conv1D(

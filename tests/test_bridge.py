@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import assert_cli_error, run_main
+from cli_helpers import assert_cli_error, estimator_probabilities, run_fresh_python, run_main
 
 import data_pipeline
 import estimator_bridge
@@ -269,8 +269,13 @@ def test_predict_writes_csv_and_plots(trained_cnn, tmp_path):
     config, _ = trained_cnn
     out = dataclasses.replace(config, output_dir=str(tmp_path / "pred"), plot=True)
     result = jobs.predict(out)
-    rows = np.genfromtxt(result["csv"], delimiter=",", names=True)
+    rows = np.genfromtxt(result["csv"], delimiter=",", names=True, dtype=None, encoding="utf-8")
+    columns = ("index", "label", "class", "probability", "label_name", "class_name")
+    assert rows.dtype.names == columns
     assert len(rows) == 500 == result["examples"]
+    # The spec's class names (an MNIST spec's are "0" ... "9").
+    np.testing.assert_array_equal(rows["label_name"].astype(str), rows["label"].astype(str))
+    np.testing.assert_array_equal(rows["class_name"].astype(str), rows["class"].astype(str))
     np.testing.assert_array_equal(rows["index"], np.arange(500))
     _, labels = next(iter(data_pipeline.make_dataset(config.data_dir, "test", 500)))
     np.testing.assert_array_equal(rows["label"], labels.numpy())
@@ -301,7 +306,12 @@ def test_checkpoint_of_another_network_is_one_line_and_nothing_is_written(traine
         f"--model_dir={config.model_dir}",
         "--limit=100",
     )
-    assert_cli_error(run, "does not fit --model=rnn", "no gru1/gru_cell/kernel", "--model")
+    assert_cli_error(
+        run,
+        "does not fit --model=rnn",
+        "no gru1/gru_cell/kernel",
+        "it was trained with --model=cnn;",
+    )
 
     # Same network, other builder arguments: the first weight whose shape differs is named,
     # before the export folder is created.
@@ -349,12 +359,6 @@ def exported_cnn(trained_cnn):
     return config, result
 
 
-def _estimator_probabilities(config, images):
-    estimator = estimator_bridge.make_estimator(config)
-    input_fn = lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))  # noqa: E731
-    return np.stack([row["probabilities"] for row in estimator.predict(input_fn)])
-
-
 def test_export_layout_and_signatures(exported_cnn):
     config, result = exported_cnn
     path = result["saved_model"]
@@ -381,19 +385,10 @@ def test_export_layout_and_signatures(exported_cnn):
     )
 
 
-def _run_fresh_python(script):
-    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-
-
 def test_saved_model_matches_estimator_in_fresh_process(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, labels = real_batch
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     serialized = [
         data_pipeline.encode_example(np.round(i[..., 0] * 255).astype(np.uint8), int(label))
         for i, label in zip(images, labels)
@@ -412,7 +407,7 @@ np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
          ex=ex["probabilities"].numpy(), scores=cls["scores"].numpy(),
          classes=raw["classes"].numpy())
 """
-    _run_fresh_python(script)
+    run_fresh_python(script)
     out = np.load(tmp_path / "out.npz")
     np.testing.assert_allclose(out["raw"], expected, atol=1e-5)
     np.testing.assert_allclose(out["ex"], expected, atol=1e-5)
@@ -435,7 +430,7 @@ def test_exported_rnn_serves_the_fused_gru_on_cpu(mnist_data_dir, real_batch, tm
     )
     jobs.train(config)
     path = jobs.export(config)["saved_model"]
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     np.save(tmp_path / "images.npy", images)
     script = f"""
 import numpy as np, tensorflow as tf
@@ -443,14 +438,14 @@ m = tf.saved_model.load({path!r})
 out = m.signatures["serving_default"](image=tf.constant(np.load({str(tmp_path / "images.npy")!r})))
 np.save({str(tmp_path / "out.npy")!r}, out["probabilities"].numpy())
 """
-    _run_fresh_python(script)
+    run_fresh_python(script)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
 
 
 def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, _ = real_batch
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     model = keras.models.load_model(result["keras"], compile=False)
     np.testing.assert_allclose(
         tf.nn.softmax(model(images, training=False)).numpy(), expected, atol=1e-5
@@ -465,7 +460,7 @@ def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
         learning_rate=1e-12,
     )
     assert jobs.train(warm)["global_step"] == 1
-    np.testing.assert_allclose(_estimator_probabilities(warm, images), expected, atol=1e-4)
+    np.testing.assert_allclose(estimator_probabilities(warm, images), expected, atol=1e-4)
 
 
 def test_summaries_reach_tensorboard(trained_cnn):
