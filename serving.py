@@ -64,7 +64,8 @@ class ServedModel:
         if signature_key not in signatures:
             session.close()
             raise KeyError(
-                f"{path} has no signature {signature_key!r}; it has: {', '.join(sorted(signatures))}"
+                f"{path} has no signature {signature_key!r}; it has: "
+                + ", ".join(sorted(signatures))
             )
         signature = signatures[signature_key]
         input_keys = sorted(signature.inputs)
@@ -126,7 +127,7 @@ class ServedModel:
         """Releases the session."""
         self._session.close()
 
-    def __enter__(self) -> "ServedModel":
+    def __enter__(self) -> ServedModel:
         return self
 
     def __exit__(self, *exc) -> None:
