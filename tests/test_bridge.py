@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import assert_cli_error, run_main
+from cli_helpers import assert_cli_error, estimator_probabilities, run_fresh_python, run_main
 
 import data_pipeline
 import estimator_bridge
@@ -349,12 +349,6 @@ def exported_cnn(trained_cnn):
     return config, result
 
 
-def _estimator_probabilities(config, images):
-    estimator = estimator_bridge.make_estimator(config)
-    input_fn = lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))  # noqa: E731
-    return np.stack([row["probabilities"] for row in estimator.predict(input_fn)])
-
-
 def test_export_layout_and_signatures(exported_cnn):
     config, result = exported_cnn
     path = result["saved_model"]
@@ -381,19 +375,10 @@ def test_export_layout_and_signatures(exported_cnn):
     )
 
 
-def _run_fresh_python(script):
-    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-
-
 def test_saved_model_matches_estimator_in_fresh_process(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, labels = real_batch
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     serialized = [
         data_pipeline.encode_example(np.round(i[..., 0] * 255).astype(np.uint8), int(label))
         for i, label in zip(images, labels)
@@ -412,7 +397,7 @@ np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
          ex=ex["probabilities"].numpy(), scores=cls["scores"].numpy(),
          classes=raw["classes"].numpy())
 """
-    _run_fresh_python(script)
+    run_fresh_python(script)
     out = np.load(tmp_path / "out.npz")
     np.testing.assert_allclose(out["raw"], expected, atol=1e-5)
     np.testing.assert_allclose(out["ex"], expected, atol=1e-5)
@@ -435,7 +420,7 @@ def test_exported_rnn_serves_the_fused_gru_on_cpu(mnist_data_dir, real_batch, tm
     )
     jobs.train(config)
     path = jobs.export(config)["saved_model"]
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     np.save(tmp_path / "images.npy", images)
     script = f"""
 import numpy as np, tensorflow as tf
@@ -443,14 +428,14 @@ m = tf.saved_model.load({path!r})
 out = m.signatures["serving_default"](image=tf.constant(np.load({str(tmp_path / "images.npy")!r})))
 np.save({str(tmp_path / "out.npy")!r}, out["probabilities"].numpy())
 """
-    _run_fresh_python(script)
+    run_fresh_python(script)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
 
 
 def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, _ = real_batch
-    expected = _estimator_probabilities(config, images)
+    expected = estimator_probabilities(config, images)
     model = keras.models.load_model(result["keras"], compile=False)
     np.testing.assert_allclose(
         tf.nn.softmax(model(images, training=False)).numpy(), expected, atol=1e-5
@@ -465,7 +450,7 @@ def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
         learning_rate=1e-12,
     )
     assert jobs.train(warm)["global_step"] == 1
-    np.testing.assert_allclose(_estimator_probabilities(warm, images), expected, atol=1e-4)
+    np.testing.assert_allclose(estimator_probabilities(warm, images), expected, atol=1e-4)
 
 
 def test_summaries_reach_tensorboard(trained_cnn):
