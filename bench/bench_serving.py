@@ -1,50 +1,64 @@
-"""Serving speed of an exported network: the SavedModel's ``serving_default`` signature.
+r"""Serving speed of the exported networks: four ways to serve the same SavedModel, side by side.
 
-Trains the network briefly through ``jobs.train`` (``--train_steps``; or exports an
-existing checkpoint with ``--checkpoint_path``), exports it with ``jobs.export``,
-loads the SavedModel with ``tf.saved_model.load`` and calls ``serving_default`` on real test
-images (float32 ``[batch, 28, 28, 1]`` in [0, 1]):
+For every network in ``--models``: trains it briefly through ``jobs.train`` (``--train_steps``;
+weights' values do not change the speed; a model dir already at that step is reused), exports it
+with ``jobs.export``, converts the export's ``serving_default`` signature to ONNX with tf2onnx
+(the ``bench`` extra), then measures each path, each run in a fresh process, in alternating
+rounds whose order rotates:
 
-* latency at batch 1: ``--latency_calls`` timed calls after ``--warmup_calls`` untimed ones,
-  each call timed alone (result fetched to numpy); prints p50, p90, p99 and mean in ms;
-* throughput at batch ``--throughput_batch`` (512): ``--throughput_calls`` back-to-back calls
-  after a few warm-up calls; prints examples/s, and the accuracy of the returned classes on the
-  images served, as a sanity check of the export.
+* ``tf2_signature``: ``tf.saved_model.load(path).signatures["serving_default"](image=...)``,
+  TensorFlow 2's loader (the README's example before ``serving.py``);
+* ``tf1_session``: ``tf.compat.v1.saved_model.load`` into a ``Session`` with the default
+  config, then ``Session.run`` feeding ``image`` and fetching both outputs: the graph and runtime
+  TF Serving uses;
+* ``serving``: ``serving.load(path)`` (variables frozen into constants at load, one
+  ``make_callable``), the README's recommended in-process path;
+* ``onnxruntime``: ``onnxruntime.InferenceSession`` on the converted export (default options).
+
+Every path is handed numpy float32 images in [0, 1] (real MNIST test digits) and returns numpy
+probabilities; converting them is part of each call. Per run: batch-1 latency over
+``--latency_calls`` distinct images after ``--warmup_calls``, each call timed alone (p50, p90,
+p99), and batch-``--throughput_batch`` examples/s over ``--throughput_calls`` back-to-back calls
+after 3 warm-up calls. Each run also returns the probabilities of the first 256 test images, and
+the report gives every path's largest difference from ``tf1_session``'s. The summary has the
+median over rounds of each figure and each path's ratio to onnxruntime's (latency: path /
+onnxruntime, the goal at most 1.5x at p50 and 2x at p99; throughput: path / onnxruntime, the
+goal at least 1.0x). All processes inherit ``tfenv``'s settings (oneDNN kernels on).
 
 Quick check::
 
-    .venv/bin/python bench/bench_serving.py --train_steps=20 --latency_calls=50 --throughput_calls=5
+    .venv/bin/python bench/bench_serving.py --models=cnn --train_steps=20 --rounds=1 \
+        --latency_calls=50 --throughput_calls=2
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import time
-from typing import Any, Dict, List
+import traceback
+from typing import Any, Callable, Dict, List
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tfenv  # noqa: E402 - must precede TensorFlow
+import benchlib  # puts the repo root on sys.path and imports tfenv before TensorFlow
+import numpy as np
 
-tfenv.silence_python_logging()
+import data_pipeline
+import estimator_bridge
+import jobs
+import keras_models
 
-import benchlib  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import data_pipeline  # noqa: E402
-import estimator_bridge  # noqa: E402
-import jobs  # noqa: E402
-import keras_models  # noqa: E402
-
-SIGNATURE = "serving_default"
+PATHS = ("tf2_signature", "tf1_session", "serving", "onnxruntime")
+REFERENCE = "tf1_session"  # the path whose probabilities the others are compared with
+CHECKED = 256  # test images whose probabilities every run returns
 FLAG_ORDER = (
-    "model",
+    "models",
+    "paths",
     "train_steps",
-    "checkpoint_path",
-    "precision",
+    "rounds",
     "warmup_calls",
     "latency_calls",
     "throughput_batch",
@@ -57,154 +71,290 @@ FLAG_ORDER = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="cnn", choices=keras_models.MODEL_NAMES)
+    parser.add_argument("--models", type=benchlib.csv_list, default=list(keras_models.MODEL_NAMES))
+    parser.add_argument("--paths", type=benchlib.csv_list, default=list(PATHS))
     parser.add_argument("--train_steps", type=int, default=200, help="Training before export.")
-    parser.add_argument(
-        "--checkpoint_path",
-        default=None,
-        help="Export this checkpoint (prefix or model dir) instead of training; it must be of "
-        "--model.",
-    )
-    parser.add_argument("--precision", default="float32", choices=estimator_bridge.PRECISIONS)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup_calls", type=int, default=50)
     parser.add_argument("--latency_calls", type=int, default=500)
     parser.add_argument("--throughput_batch", type=int, default=512)
-    parser.add_argument("--throughput_calls", type=int, default=50)
+    parser.add_argument("--throughput_calls", type=int, default=10)
     parser.add_argument("--work_dir", default=benchlib.DEFAULT_WORK_DIR)
     parser.add_argument(
         "--source_dir", default=benchlib.default_source_dir(), help="MNIST (default $MNIST_DIR)."
     )
     parser.add_argument("--json_out", default=None, help="Write results as JSON here.")
     args = parser.parse_args(argv)
-    for name in ("train_steps", "latency_calls", "throughput_batch", "throughput_calls"):
+    for name in ("models", "paths"):
+        allowed = keras_models.MODEL_NAMES if name == "models" else PATHS
+        unknown = [v for v in getattr(args, name) if v not in allowed]
+        if unknown or not getattr(args, name):
+            parser.error(f"--{name}: choose from {', '.join(allowed)}")
+    for name in ("train_steps", "rounds", "latency_calls", "throughput_batch", "throughput_calls"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
     if args.warmup_calls < 0:
         parser.error("--warmup_calls must be >= 0")
-    if args.checkpoint_path:
-        args.train_steps = None  # not used; keeps it out of the printed command
-        args.checkpoint_path = os.path.abspath(args.checkpoint_path)
     args.work_dir = os.path.abspath(args.work_dir)
     return args
 
 
-def export_model(args, data_dir: str) -> Dict[str, Any]:
-    """Trains (unless --checkpoint_path) and exports; returns jobs.export's result."""
-    base = os.path.join(args.work_dir, "serving", f"{args.model}-{args.precision}")
-    model_dir = os.path.join(base, "model")
+# --------------------------------------------------------------------------------------------
+# Export and conversion (in this process)
+# --------------------------------------------------------------------------------------------
+
+
+def export_model(args, data_dir: str, model: str) -> Dict[str, str]:
+    """Trains to ``--train_steps`` (reusing a model dir at that step), exports, converts to ONNX."""
+    base = os.path.join(args.work_dir, "serving", model)
     config = estimator_bridge.Config(
-        model=args.model,
+        model=model,
         data_dir=data_dir,
-        model_dir=model_dir,
-        precision=args.precision,
-        checkpoint_path=args.checkpoint_path,
+        model_dir=os.path.join(base, "model"),
         export_dir=os.path.join(base, "export"),
+        train_steps=args.train_steps,
+        seed=0,
         progress=False,
     )
-    shutil.rmtree(config.export_dir, ignore_errors=True)  # one SavedModel version per run
-    if not args.checkpoint_path:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        config.train_steps = args.train_steps
-        jobs.train(config)
-    return jobs.export(config)
+    if estimator_bridge.global_step_of(config.model_dir) != args.train_steps:
+        shutil.rmtree(config.model_dir, ignore_errors=True)
+    jobs.train(config)
+    shutil.rmtree(config.export_dir, ignore_errors=True)  # one version: the one measured
+    saved_model = jobs.export(config)["saved_model"]
+    onnx_path = os.path.join(base, f"{model}.onnx")
+    if "onnxruntime" in args.paths:
+        convert_to_onnx(saved_model, onnx_path)
+    benchlib.log(f"{model}: exported {saved_model}")
+    return {"saved_model": saved_model, "onnx": onnx_path}
 
 
-def percentile(values_ms: List[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values_ms), q))
+def convert_to_onnx(saved_model: str, onnx_path: str) -> None:
+    """tf2onnx's converter on the ``serving_default`` signature (the ``bench`` extra)."""
+    command = [
+        sys.executable,
+        "-m",
+        "tf2onnx.convert",
+        "--saved-model",
+        saved_model,
+        "--signature_def",
+        "serving_default",
+        "--tag",
+        "serve",
+        "--output",
+        onnx_path,
+    ]
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(
+            f"error: tf2onnx could not convert {saved_model} (install the bench extra: "
+            f"pip install -e '.[bench]'): {run.stderr.strip().splitlines()[-1:]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# One timed run (in a fresh process)
+# --------------------------------------------------------------------------------------------
+
+
+def make_predict(path: str, saved_model: str, onnx_path: str) -> Callable[[np.ndarray], Any]:
+    """Loads ``saved_model`` (or its ONNX conversion) the ``path`` way.
+
+    Returns:
+        ``predict(images) -> probabilities`` (numpy in, numpy out).
+    """
+    if path == "tf2_signature":
+        import tensorflow as tf
+
+        signature = tf.saved_model.load(saved_model).signatures["serving_default"]
+        return lambda x: signature(image=tf.constant(x))["probabilities"].numpy()
+    if path == "tf1_session":
+        import tensorflow as tf
+
+        graph = tf.Graph()
+        session = tf.compat.v1.Session(graph=graph)
+        with graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], saved_model)
+        signature = meta_graph.signature_def["serving_default"]
+        image = signature.inputs["image"].name
+        fetches = [signature.outputs[k].name for k in ("probabilities", "classes")]
+        return lambda x: session.run(fetches, {image: x})[0]
+    if path == "serving":
+        import serving
+
+        served = serving.load(saved_model)
+        return lambda x: served(image=x)["probabilities"]
+    import onnxruntime
+
+    ort = onnxruntime.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    return lambda x: ort.run(["probabilities", "classes"], {"image": x})[0]
+
+
+def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any]:
+    """Loads one path and times it -> result dict (or ``{"error": ...}``)."""
+    try:
+        images, _ = data_pipeline.load_source(args.source_dir).splits["test"]
+        images = (images.astype(np.float32) / 255.0)[..., np.newaxis]
+        started = time.perf_counter()
+        predict = make_predict(path, files["saved_model"], files["onnx"])
+        checked = np.asarray(predict(images[:CHECKED]))
+        load_s = time.perf_counter() - started
+
+        singles = [images[i : i + 1] for i in range(1000)]
+        for i in range(args.warmup_calls):
+            predict(singles[i % len(singles)])
+        latencies = []
+        for i in range(args.latency_calls):
+            x = singles[i % len(singles)]
+            start = time.perf_counter()
+            predict(x)
+            latencies.append(1000 * (time.perf_counter() - start))
+
+        batch = args.throughput_batch
+        starts = range(0, max(len(images) - batch, 0) + 1, batch)
+        batches = [images[s : s + batch] for s in starts]
+        for i in range(3):
+            predict(batches[i % len(batches)])
+        start = time.perf_counter()
+        for i in range(args.throughput_calls):
+            predict(batches[i % len(batches)])
+        elapsed = time.perf_counter() - start
+        p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+        return {
+            "load_s": load_s,
+            "p50_ms": float(p50),
+            "p90_ms": float(p90),
+            "p99_ms": float(p99),
+            "examples_per_sec": args.throughput_calls * len(batches[0]) / elapsed,
+            "probabilities": checked.tolist(),
+        }
+    except Exception as error:  # noqa: BLE001 - report, keep the other runs going
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def run_isolated(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any]:
+    """:func:`measure` in a fresh process (``spawn``): no thread pool or cache of another path."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure, (args, path, model, files))
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec")
+
+
+def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Median of each figure over the rounds, ratios to onnxruntime, largest difference."""
+    rows = []
+    for model in args.models:
+        good = [r for r in runs if r["model"] == model and not r.get("error")]
+        reference = [np.asarray(r["probabilities"]) for r in good if r["path"] == REFERENCE]
+        medians = {}
+        for path in args.paths:
+            case = [r for r in good if r["path"] == path]
+            medians[path] = {f: benchlib.median([r[f] for r in case]) for f in FIGURES}
+            medians[path]["rounds"] = len(case)
+            medians[path]["max_abs_diff"] = (
+                max(
+                    float(np.abs(np.asarray(r["probabilities"]) - reference[0]).max()) for r in case
+                )
+                if case and reference
+                else None
+            )
+        ort = medians.get("onnxruntime")
+        for path in args.paths:
+            row = {"model": model, "path": path, **medians[path]}
+            if ort and ort["rounds"]:
+                row["p50_ratio"] = row["p50_ms"] / ort["p50_ms"]
+                row["p99_ratio"] = row["p99_ms"] / ort["p99_ms"]
+                row["throughput_ratio"] = row["examples_per_sec"] / ort["examples_per_sec"]
+            rows.append(row)
+    return rows
+
+
+def print_summary(args, rows: List[Dict[str, Any]]) -> None:
+    def ratio(row, key):
+        value = row.get(key)
+        return "-" if value is None or value != value else f"{value:.2f}x"
+
+    print()
+    print(
+        f"median of {args.rounds} round(s); batch 1: {args.latency_calls} calls after "
+        f"{args.warmup_calls} warm-up; batch {args.throughput_batch}: {args.throughput_calls} "
+        "calls; ratios to onnxruntime (goal: p50 <= 1.5x, p99 <= 2x, examples/s >= 1.0x)"
+    )
+    benchlib.print_table(
+        [
+            "network",
+            "path",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            f"b{args.throughput_batch} ex/s",
+            "p50/ort",
+            "p99/ort",
+            "ex/s/ort",
+            "max |dp|",
+        ],
+        [
+            [
+                row["model"],
+                row["path"],
+                f"{row['p50_ms']:.2f}",
+                f"{row['p90_ms']:.2f}",
+                f"{row['p99_ms']:.2f}",
+                benchlib.fmt_rate(row["examples_per_sec"]),
+                ratio(row, "p50_ratio"),
+                ratio(row, "p99_ratio"),
+                ratio(row, "throughput_ratio"),
+                "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",
+            ]
+            for row in rows
+        ],
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = benchlib.command_line(__file__, args, FLAG_ORDER)
     info = benchlib.machine_info()
-    benchlib.print_header(f"serving: {args.model} SavedModel, {SIGNATURE}", command, info)
+    benchlib.print_header("serving: four paths to the same SavedModel", command, info)
+    started = time.perf_counter()
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)
-    exported = export_model(args, data_dir)
-    path = exported["saved_model"]
-    print(f"exported {exported['checkpoint']} -> {path}")
-
-    loaded = tf.saved_model.load(path)
-    serve = loaded.signatures[SIGNATURE]
-    inputs = serve.structured_input_signature[1]
-    input_name = "image" if "image" in inputs else next(iter(inputs))
-    described = ", ".join(f"{k}: {v.dtype.name} {v.shape}" for k, v in inputs.items())
-    print(f"{SIGNATURE}: inputs {{{described}}} -> outputs {sorted(serve.structured_outputs)}")
-
-    images, labels = data_pipeline.load_source(args.source_dir).splits["test"]
-    images = (images.astype(np.float32) / 255.0)[..., np.newaxis]
-
-    # Latency at batch 1: distinct real images, each call timed alone.
-    singles = [tf.constant(images[i : i + 1]) for i in range(min(len(images), 1000))]
-    for i in range(args.warmup_calls):
-        serve(**{input_name: singles[i % len(singles)]})["classes"].numpy()
-    latencies = []
-    for i in range(args.latency_calls):
-        x = singles[i % len(singles)]
-        start = time.perf_counter()
-        serve(**{input_name: x})["classes"].numpy()
-        latencies.append(1000 * (time.perf_counter() - start))
-    latency = {
-        "calls": args.latency_calls,
-        "p50_ms": percentile(latencies, 50),
-        "p90_ms": percentile(latencies, 90),
-        "p99_ms": percentile(latencies, 99),
-        "mean_ms": float(np.mean(latencies)),
-        "min_ms": float(np.min(latencies)),
-    }
-
-    # Throughput at a large batch: back-to-back calls over the test split.
-    batch = args.throughput_batch
-    starts = list(range(0, max(len(images) - batch, 0) + 1, batch)) or [0]
-    batches = [(tf.constant(images[s : s + batch]), labels[s : s + batch]) for s in starts]
-    for i in range(min(3, args.warmup_calls) or 1):
-        serve(**{input_name: batches[i % len(batches)][0]})["classes"].numpy()
-    correct = served = 0
-    start = time.perf_counter()
-    for i in range(args.throughput_calls):
-        x, y = batches[i % len(batches)]
-        classes = serve(**{input_name: x})["classes"].numpy()
-        correct += int(np.sum(classes == y))
-        served += len(y)
-    elapsed = time.perf_counter() - start
-    throughput = {
-        "batch_size": batch,
-        "calls": args.throughput_calls,
-        "examples_per_sec": served / elapsed,
-        "ms_per_batch": 1000 * elapsed / args.throughput_calls,
-        "accuracy_on_served": correct / max(served, 1),
-    }
-
-    print()
-    print(f"{args.model} ({args.precision}) via tf.saved_model.load(...).signatures[{SIGNATURE!r}]")
-    benchlib.print_table(
-        ["measure", "value"],
-        [
-            ["batch 1 latency p50", f"{latency['p50_ms']:.2f} ms"],
-            ["batch 1 latency p90", f"{latency['p90_ms']:.2f} ms"],
-            ["batch 1 latency p99", f"{latency['p99_ms']:.2f} ms"],
-            ["batch 1 latency mean", f"{latency['mean_ms']:.2f} ms"],
-            [f"  ({args.latency_calls} calls after {args.warmup_calls} warm-up)", ""],
-            [f"batch {batch} throughput", f"{throughput['examples_per_sec']:,.0f} examples/s"],
-            [f"batch {batch} time per call", f"{throughput['ms_per_batch']:.1f} ms"],
-            [f"  ({args.throughput_calls} calls)", ""],
-            ["accuracy on the served images", f"{100 * throughput['accuracy_on_served']:.2f}%"],
-        ],
-    )
-    print(f"command: {command}")
-    benchlib.write_json(
+    runs: List[Dict[str, Any]] = []
+    for model in args.models:
+        files = export_model(args, data_dir, model)
+        for round_index in range(args.rounds):
+            shift = round_index % len(args.paths)
+            for path in args.paths[shift:] + args.paths[:shift]:
+                result = run_isolated(args, path, model, files)
+                runs.append({"model": model, "path": path, "round": round_index, **result})
+                if result.get("error"):
+                    print(f"{model:8s} {path:14s} round {round_index}: {result['error']}")
+                else:
+                    print(
+                        f"{model:8s} {path:14s} round {round_index}: batch 1 p50 "
+                        f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms; batch "
+                        f"{args.throughput_batch} {result['examples_per_sec']:,.0f} ex/s; "
+                        f"load {result['load_s']:.1f}s",
+                        flush=True,
+                    )
+    rows = summarise(args, runs)
+    print_summary(args, rows)
+    for run in runs:
+        run.pop("probabilities", None)
+    return benchlib.finish_runs(
+        "serving",
+        command,
+        info,
+        time.perf_counter() - started,
+        runs,
         args.json_out,
-        {
-            "benchmark": "serving",
-            "command": command,
-            "machine": info,
-            "settings": {k: getattr(args, k) for k in FLAG_ORDER},
-            "saved_model": path,
-            "checkpoint": exported["checkpoint"],
-            "latency_batch1": latency,
-            "throughput": throughput,
-        },
+        settings={k: getattr(args, k) for k in FLAG_ORDER},
+        summary=rows,
     )
-    return 0
 
 
 if __name__ == "__main__":

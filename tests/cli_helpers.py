@@ -1,4 +1,5 @@
-"""Running main.py (and fresh interpreters) the way a user does, for the tests."""
+"""Helpers the test modules share: main.py and fresh interpreters run as a user runs them, and
+the Estimator's own predictions to compare exports with."""
 
 import os
 import subprocess
@@ -25,28 +26,6 @@ def run_main(*args, timeout=300, cwd=REPO, pythonpath=()):
     )
 
 
-def run_fresh_python(script):
-    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-
-
-def estimator_probabilities(config, images):
-    """The Estimator's probabilities for ``images`` from ``config``'s latest checkpoint."""
-    import tensorflow as tf
-
-    import estimator_bridge
-
-    estimator = estimator_bridge.make_estimator(config)
-    rows = estimator.predict(
-        lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))
-    )
-    return np.stack([row["probabilities"] for row in rows])
-
-
 def start_main(*args):
     """Starts ``python main.py ARGS`` in the background, output discarded; returns the Popen."""
     return subprocess.Popen(
@@ -67,3 +46,32 @@ def assert_cli_error(run, *needles):
     assert lines[0].startswith("error: ") and len(lines[0]) > len("error: ")
     for needle in needles:
         assert str(needle) in lines[0], lines[0]
+
+
+def run_fresh_python(script, timeout=180):
+    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests).
+
+    The repo root is on its path, so it can import the project's modules; nothing is imported
+    for it (not even ``tfenv``), as in a user's own process.
+    """
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONPATH": REPO,
+    }
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def estimator_probabilities(config, images):
+    """The probabilities ``estimator.predict`` gives for ``images`` (float32 ``[N, H, W, C]``)."""
+    import tensorflow as tf
+
+    import estimator_bridge
+
+    estimator = estimator_bridge.make_estimator(config)
+    input_fn = lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))  # noqa: E731
+    return np.stack([row["probabilities"] for row in estimator.predict(input_fn)])

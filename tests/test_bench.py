@@ -1,4 +1,5 @@
-"""bench/bench_throughput.py's arithmetic: medians, ratios and the paired by-round ratio."""
+"""The benchmarks' arithmetic: bench_throughput's medians, ratios and paired by-round ratio, and
+bench_serving's medians, ratios to onnxruntime and probability differences."""
 
 import argparse
 import os
@@ -9,6 +10,7 @@ import pytest
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 )
+import bench_serving  # noqa: E402
 import bench_throughput  # noqa: E402
 
 
@@ -74,3 +76,34 @@ def test_summary_without_both_peers_has_no_by_round_column(capsys):
     header, line = lines[-3], lines[-1]
     assert "by round" not in header
     assert line.split() == "cnn 128 1,000 800 1.25x - 6.0 6.0".split()
+
+
+def test_serving_summary_takes_medians_ratios_to_onnxruntime_and_differences():
+    args = argparse.Namespace(models=["cnn"], paths=["serving", "onnxruntime", "tf1_session"])
+    runs = []
+    for path, p50s, rates, shift in (
+        ("serving", [3.0, 1.0, 2.0], [900.0, 1100.0, 1000.0], 2e-6),
+        ("onnxruntime", [1.0, 0.5, 2.0], [2000.0, 1000.0, 1500.0], 0.0),
+        ("tf1_session", [4.0, 4.0, 4.0], [500.0, 500.0, 500.0], 0.0),
+    ):
+        for p50, rate in zip(p50s, rates):
+            runs.append(
+                {
+                    "model": "cnn",
+                    "path": path,
+                    "p50_ms": p50,
+                    "p90_ms": 2 * p50,
+                    "p99_ms": 4 * p50,
+                    "examples_per_sec": rate,
+                    "probabilities": [[0.25 + shift, 0.75 - shift]],
+                }
+            )
+    runs.append({"model": "cnn", "path": "serving", "error": "RuntimeError: ignored"})
+    rows = {row["path"]: row for row in bench_serving.summarise(args, runs)}
+    serving = rows["serving"]
+    assert serving["rounds"] == 3 and serving["p50_ms"] == 2.0 and serving["p99_ms"] == 8.0
+    assert serving["p50_ratio"] == pytest.approx(2.0)  # medians 2.0 / 1.0
+    assert serving["throughput_ratio"] == pytest.approx(1000 / 1500)
+    assert serving["max_abs_diff"] == pytest.approx(2e-6)
+    assert rows["onnxruntime"]["p50_ratio"] == 1.0
+    assert rows["tf1_session"]["max_abs_diff"] == 0.0
