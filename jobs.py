@@ -303,8 +303,8 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
         ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    label = keras_models.model_label(config.model)
-    fig.suptitle(f"{label}: predicted class (probability); red: wrong, ≠ true label")
+    model_name = keras_models.model_label(config.model)
+    fig.suptitle(f"{model_name}: predicted class (probability); red: wrong, ≠ true label")
     paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
@@ -325,7 +325,7 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
                 if channel < maps.shape[-1]:
                     ax.imshow(maps[..., channel], cmap="viridis")
                     ax.set_title(str(channel), fontsize=7)
-        fig.suptitle(f"{label}: conv1 feature maps of the first {split} image")
+        fig.suptitle(f"{model_name}: conv1 feature maps of the first {split} image")
         paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
