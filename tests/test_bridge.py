@@ -13,7 +13,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import assert_cli_error, estimator_probabilities, run_fresh_python, run_main
+from cli_helpers import (
+    assert_cli_error,
+    estimator_probabilities,
+    run_cli,
+    run_fresh_python,
+    run_main,
+)
 
 import data_pipeline
 import estimator_bridge
@@ -299,7 +305,7 @@ def _copy_latest_checkpoint(model_dir, out_dir):
 
 def test_checkpoint_of_another_network_is_one_line_and_nothing_is_written(trained_cnn, tmp_path):
     config, _ = trained_cnn
-    run = run_main(
+    run = run_cli(
         "--mode=evaluate",
         "--model=rnn",
         f"--data_dir={config.data_dir}",
@@ -340,7 +346,7 @@ def test_unreadable_checkpoint_is_one_line(trained_cnn, tmp_path):
     prefix = _copy_latest_checkpoint(config.model_dir, str(tmp_path / "model"))
     with open(prefix + ".index", "wb") as handle:
         handle.write(b"not a checkpoint index")
-    run = run_main(
+    run = run_cli(
         "--mode=predict",
         "--model=cnn",
         f"--data_dir={config.data_dir}",

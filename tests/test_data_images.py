@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 import tensorflow as tf
-from cli_helpers import assert_cli_error, run_main
+from cli_helpers import assert_cli_error, run_cli
 from conftest import DIGIT_NAMES, DIGITS_TRAIN, write_png_folder
 
 import data_pipeline
@@ -275,22 +275,22 @@ def test_cli_prepare_bad_input(tmp_path, damage):
     root = small_folder(tmp_path / "src")
     args, bad, problem = damage(root)
     out = tmp_path / "out"
-    run = run_main("--mode=prepare", f"--data_dir={out}", f"--source_dir={root}", *args)
+    run = run_cli("--mode=prepare", f"--data_dir={out}", f"--source_dir={root}", *args)
     assert_cli_error(run, bad, problem)
     assert not (out / "dataset_spec.json").exists()
 
 
 def test_cli_prepare_flags(tmp_path, digits_npz):
     out = tmp_path / "out"
-    run = run_main(
+    run = run_cli(
         "--mode=prepare", f"--data_dir={out}", f"--source_dir={digits_npz}", "--image_size=4,4"
     )
     assert_cli_error(run, "--image_size", "image folders")
-    assert_cli_error(run_main("--mode=prepare", "--image_size=4"), "--image_size", "H,W")
-    assert_cli_error(run_main("--mode=prepare", "--channels=2"), "--channels")
-    run = run_main("--mode=prepare", "--records_per_shard=5", "--shard_mb=1")
+    assert_cli_error(run_cli("--mode=prepare", "--image_size=4"), "--image_size", "H,W")
+    assert_cli_error(run_cli("--mode=prepare", "--channels=2"), "--channels")
+    run = run_cli("--mode=prepare", "--records_per_shard=5", "--shard_mb=1")
     assert_cli_error(run, "--records_per_shard or --shard_mb")
-    run = run_main(
+    run = run_cli(
         "--mode=prepare", f"--data_dir={out}", f"--source_dir={digits_npz}", "--shard_mb=0.01"
     )
     assert run.returncode == 0, run.stderr[-2000:]

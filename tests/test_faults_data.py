@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import MAIN, REPO, assert_cli_error, run_main, start_main
+from cli_helpers import MAIN, REPO, assert_cli_error, run_cli, run_main, start_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -557,7 +557,7 @@ def test_cli_prepare_bad_source(tmp_path, case):
         arrays[2] = small_arrays(size=32)[2]
     source = write_idx_folder(tmp_path / "src", arrays, make_raw(arrays) if make_raw else None)
     out = tmp_path / "out"
-    run = run_main("--mode=prepare", f"--data_dir={out}", f"--source_dir={source}")
+    run = run_cli("--mode=prepare", f"--data_dir={out}", f"--source_dir={source}")
     assert_cli_error(run, stem, problem)
     assert not (out / "dataset_spec.json").exists()
 
@@ -652,7 +652,7 @@ def test_cli_evaluate_bad_shards(small_data_dir, trained_model_dir, damage):
     with pytest.raises(DataError) as info:
         check_shards(small_data_dir, "test")
     assert_data_error(info.value, bad_file)
-    run = run_main(
+    run = run_cli(
         "--mode=evaluate",
         "--model=cnn",
         f"--data_dir={small_data_dir}",

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import tensorflow as tf
-from cli_helpers import REPO, assert_cli_error, run_main
+from cli_helpers import REPO, assert_cli_error, run_cli, run_main
 
 import estimator_bridge
 import preflight
@@ -59,14 +59,14 @@ def a_file(tmp_path):
 
 @pytest.mark.parametrize("mode", ["train", "train_and_evaluate", "evaluate"])
 def test_model_dir_that_is_a_file(mode, mnist_data_dir, a_file):
-    run = run_main(f"--mode={mode}", f"--data_dir={mnist_data_dir}", f"--model_dir={a_file}")
+    run = run_cli(f"--mode={mode}", f"--data_dir={mnist_data_dir}", f"--model_dir={a_file}")
     assert_cli_error(run, f"--model_dir={a_file} is a file, not a folder")
     assert a_file.read_text() == "not a folder\n"
 
 
 def test_model_dir_under_a_file(mnist_data_dir, a_file):
     model_dir = a_file / "models" / "cnn"
-    run = run_main("--mode=train", f"--data_dir={mnist_data_dir}", f"--model_dir={model_dir}")
+    run = run_cli("--mode=train", f"--data_dir={mnist_data_dir}", f"--model_dir={model_dir}")
     assert_cli_error(run, f"--model_dir={model_dir} cannot be written", f"{a_file} is a file")
 
 
@@ -83,7 +83,7 @@ def test_model_dir_under_a_file(mnist_data_dir, a_file):
 def test_output_paths_blocked_by_a_file(flag, mode, where, small_model_dir, mnist_data_dir, a_file):
     value = where.format(file=a_file)
     before = _listing(small_model_dir)
-    run = run_main(
+    run = run_cli(
         f"--mode={mode}",
         f"--data_dir={mnist_data_dir}",
         f"--model_dir={small_model_dir}",
@@ -94,7 +94,7 @@ def test_output_paths_blocked_by_a_file(flag, mode, where, small_model_dir, mnis
 
 
 def test_keras_output_that_is_a_folder(small_model_dir, mnist_data_dir, tmp_path):
-    run = run_main(
+    run = run_cli(
         "--mode=export",
         f"--data_dir={mnist_data_dir}",
         f"--model_dir={small_model_dir}",
@@ -107,7 +107,7 @@ def test_keras_output_that_is_a_folder(small_model_dir, mnist_data_dir, tmp_path
 
 @pytest.mark.parametrize("mode", ["prepare", "train", "predict"])
 def test_data_dir_that_is_a_file(mode, a_file, tmp_path):
-    run = run_main(f"--mode={mode}", f"--data_dir={a_file}", f"--model_dir={tmp_path / 'm'}")
+    run = run_cli(f"--mode={mode}", f"--data_dir={a_file}", f"--model_dir={tmp_path / 'm'}")
     assert_cli_error(run, f"--data_dir={a_file} is a file, not a folder")
 
 

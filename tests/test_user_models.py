@@ -21,6 +21,7 @@ import user_models
 from cli_helpers import (
     assert_cli_error,
     estimator_probabilities,
+    run_cli,
     run_fresh_python,
     run_main,
 )
@@ -246,6 +247,11 @@ def test_checkpoint_keys_do_not_depend_on_eager_layer_names(mnist_data_dir):
 
 def _cli(cwd, *args, **kwargs):
     return run_main(*args, cwd=cwd, pythonpath=[TESTS], **kwargs)
+
+
+def _refused(cwd, *args):
+    """A refusal (nothing trains), run in this process: see ``cli_helpers.run_cli``."""
+    return run_cli(*args, cwd=cwd, pythonpath=[TESTS])
 
 
 def _ok(run):
@@ -506,7 +512,7 @@ def test_model_file_under_mixed_bfloat16_computes_in_bfloat16(digits_file, test_
 )
 def test_bad_models_are_one_line_and_nothing_is_written(args, needles, mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
-    run = _cli(
+    run = _refused(
         tmp_path, "--mode=train", *args, f"--data_dir={mnist_data_dir}", f"--model_dir={model_dir}"
     )
     assert_cli_error(run, *needles)
@@ -516,7 +522,7 @@ def test_bad_models_are_one_line_and_nothing_is_written(args, needles, mnist_dat
 def test_model_file_that_does_not_load_is_one_line(mnist_data_dir, tmp_path):
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
-    run = _cli(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
+    run = _refused(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
     assert_cli_error(run, f"cannot load the model file {broken}")
     assert not (tmp_path / "models").exists()
 
