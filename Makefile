@@ -22,6 +22,8 @@ EPOCHS ?= 1
 MODEL_DIR ?= models/$(MODEL)
 EXPORT_DIR ?= exports/$(MODEL)
 PREDICT_DIR ?= predictions/$(MODEL)
+# pytest-xdist workers for `make test` (each file stays on one worker; 2 paid off on 2 cores).
+TEST_WORKERS ?= 2
 RUN = $(PY) main.py --model=$(MODEL) --data_dir=$(DATA_DIR) --model_dir=$(MODEL_DIR)
 
 .PHONY: setup demo test lint format clean
@@ -54,7 +56,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

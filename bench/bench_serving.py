@@ -11,8 +11,12 @@ rounds whose order rotates:
 * ``tf1_session``: ``tf.compat.v1.saved_model.load`` into a ``Session`` with the default
   config, then ``Session.run`` feeding ``image`` and fetching both outputs: the graph and runtime
   TF Serving uses;
-* ``serving``: ``serving.load(path)`` (variables frozen into constants at load, one
-  ``make_callable``), the README's recommended in-process path;
+* ``serving_session``: ``serving.load(path, xla=False)``: variables frozen into constants at
+  load, one ``make_callable``, every batch through the Session;
+* ``serving_xla``: ``serving.load(path, xla=True)``: the same, but batches up to
+  ``serving.XLA_MAX_BATCH`` run as an XLA-compiled program of the frozen graph;
+* ``serving``: ``serving.load(path)``, the README's recommended in-process path: one of the two
+  above for small batches, whichever was faster at batch 1 when it loaded;
 * ``onnxruntime``: ``onnxruntime.InferenceSession`` on the converted export (default options).
 
 Every path is handed numpy float32 images in [0, 1] (real MNIST test digits) and returns numpy
@@ -51,7 +55,7 @@ import estimator_bridge
 import jobs
 import keras_models
 
-PATHS = ("tf2_signature", "tf1_session", "serving", "onnxruntime")
+PATHS = ("tf2_signature", "tf1_session", "serving_session", "serving_xla", "serving", "onnxruntime")
 REFERENCE = "tf1_session"  # the path whose probabilities the others are compared with
 CHECKED = 256  # test images whose probabilities every run returns
 FLAG_ORDER = (
@@ -178,10 +182,11 @@ def make_predict(path: str, saved_model: str, onnx_path: str) -> Callable[[np.nd
         image = signature.inputs["image"].name
         fetches = [signature.outputs[k].name for k in ("probabilities", "classes")]
         return lambda x: session.run(fetches, {image: x})[0]
-    if path == "serving":
+    if path in ("serving", "serving_session", "serving_xla"):
         import serving
 
-        served = serving.load(saved_model)
+        xla = {"serving_session": False, "serving_xla": True, "serving": "auto"}[path]
+        served = serving.load(saved_model, xla=xla)
         return lambda x: served(image=x)["probabilities"]
     import onnxruntime
 

@@ -421,33 +421,6 @@ np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
     np.testing.assert_array_equal(out["classes"], expected.argmax(-1))
 
 
-def test_exported_rnn_serves_the_fused_gru_on_cpu(mnist_data_dir, real_batch, tmp_path):
-    """The fused GRU's export also registers Keras's cuDNN variant; a CPU load must still run."""
-    images, _ = real_batch
-    config = estimator_bridge.Config(
-        model="rnn",
-        data_dir=mnist_data_dir,
-        model_dir=str(tmp_path / "model"),
-        export_dir=str(tmp_path / "export"),
-        batch_size=32,
-        train_steps=5,
-        seed=3,
-        progress=False,
-    )
-    jobs.train(config)
-    path = jobs.export(config)["saved_model"]
-    expected = estimator_probabilities(config, images)
-    np.save(tmp_path / "images.npy", images)
-    script = f"""
-import numpy as np, tensorflow as tf
-m = tf.saved_model.load({path!r})
-out = m.signatures["serving_default"](image=tf.constant(np.load({str(tmp_path / "images.npy")!r})))
-np.save({str(tmp_path / "out.npy")!r}, out["probabilities"].numpy())
-"""
-    run_fresh_python(script)
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
-
-
 def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):
     config, result = exported_cnn
     images, _ = real_batch

@@ -1,7 +1,11 @@
-"""main.py: bad input gives one line on stderr and exit code 2, never a traceback."""
+"""main.py: bad input gives one line on stderr and exit code 2, never a traceback.
+
+Most cases run in real processes (what a user sees, TensorFlow's C++ log included); the variants
+of one check run in this process (``run_cli``).
+"""
 
 import pytest
-from cli_helpers import assert_cli_error, run_main
+from cli_helpers import assert_cli_error, run_cli, run_main
 
 
 def test_unknown_model_lists_choices():
@@ -14,7 +18,7 @@ def test_unknown_mode_lists_choices():
 
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--batch_size=-4", "--train_steps=0"])
 def test_non_positive_sizes(flag, mnist_data_dir, tmp_path):
-    run = run_main("--mode=train", flag, f"--data_dir={mnist_data_dir}", f"--model_dir={tmp_path}")
+    run = run_cli("--mode=train", flag, f"--data_dir={mnist_data_dir}", f"--model_dir={tmp_path}")
     assert_cli_error(run, flag.split("=")[0])
 
 
@@ -28,5 +32,5 @@ def test_missing_checkpoint(mnist_data_dir, tmp_path):
     run = run_main("--mode=evaluate", f"--data_dir={mnist_data_dir}", f"--model_dir={tmp_path}")
     assert_cli_error(run, "no checkpoint", str(tmp_path))
     ckpt = tmp_path / "model.ckpt-123"
-    run = run_main("--mode=export", f"--data_dir={mnist_data_dir}", f"--checkpoint_path={ckpt}")
+    run = run_cli("--mode=export", f"--data_dir={mnist_data_dir}", f"--checkpoint_path={ckpt}")
     assert_cli_error(run, "does not exist", str(ckpt))

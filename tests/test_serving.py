@@ -2,9 +2,10 @@
 
 Each network trains a few steps on real MNIST and is exported once per session. A fresh
 interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no Estimator)
-serves the export through ``serving.load`` (raw images and ``tf.Example`` receivers, frozen and
-not), TF Serving's loader (``tf.compat.v1.saved_model.load`` + ``Session.run``) and TensorFlow 2's
-``signatures``; all must match ``estimator.predict`` to 1e-5.
+serves the export through ``serving.load`` (raw images through XLA, padded or not, and through
+the Session; ``tf.Example`` receivers; frozen and not), TF Serving's loader
+(``tf.compat.v1.saved_model.load`` + ``Session.run``) and TensorFlow 2's ``signatures``; all must
+match ``estimator.predict`` to 1e-5.
 """
 
 import os
@@ -77,6 +78,13 @@ images = np.load({str(tmp_path / "images.npy")!r})
 examples = pickle.loads(open({str(tmp_path / "examples.pkl")!r}, "rb").read())
 out = {{}}
 out["serving"] = serving.load(path)(image=images)["probabilities"]
+model = serving.load(path, xla=True)
+assert model.xla, "16 raw images should take the XLA path"
+out["serving_xla"] = model(image=images)["probabilities"]
+# 5 and 11 images: padded to XLA programs for 8 and 16, the padding cut off again.
+out["serving_xla_padded"] = np.concatenate(
+    [model(image=images[:5])["probabilities"], model(image=images[5:])["probabilities"]])
+out["serving_session"] = serving.load(path, xla=False)(image=images)["probabilities"]
 out["serving_newest_version"] = serving.load(os.path.dirname(path))(images)["probabilities"]
 out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
 out["serving_examples"] = serving.load(path, "examples:serving_default")(
@@ -97,7 +105,7 @@ np.savez({str(tmp_path / "out.npz")!r}, **out)
 """
     run_fresh_python(script)
     out = np.load(tmp_path / "out.npz")
-    assert len(out.files) == 7
+    assert len(out.files) == 10
     for name in out.files:
         np.testing.assert_allclose(out[name], expected, atol=1e-5, err_msg=name)
 

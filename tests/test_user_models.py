@@ -249,8 +249,9 @@ def _cli(cwd, *args, **kwargs):
     return run_main(*args, cwd=cwd, pythonpath=[TESTS], **kwargs)
 
 
-def _refused(cwd, *args):
-    """A refusal (nothing trains), run in this process: see ``cli_helpers.run_cli``."""
+def _in_process(cwd, *args):
+    """``main.py`` in this process (``cli_helpers.run_cli``): the refusals, and the model-file
+    jobs, whose command line the builder's real-process runs above already cover."""
     return run_cli(*args, cwd=cwd, pythonpath=[TESTS])
 
 
@@ -454,7 +455,7 @@ def test_model_file_trains_from_its_own_weights_and_exports(
     images, _ = test_batch
     common = (f"--model={path}", f"--data_dir={mnist_data_dir}")
     # One step at a vanishing learning rate: the Estimator starts from the file's weights.
-    _ok(_cli(tmp_path, "--mode=train", *common, "--train_steps=1", "--learning_rate=1e-12"))
+    _ok(_in_process(tmp_path, "--mode=train", *common, "--train_steps=1", "--learning_rate=1e-12"))
     config = estimator_bridge.Config(
         model=str(path),
         data_dir=str(mnist_data_dir),
@@ -463,9 +464,9 @@ def test_model_file_trains_from_its_own_weights_and_exports(
     )
     # One training step moved the BatchNorm averages by 1 % of a batch's statistics.
     np.testing.assert_allclose(estimator_probabilities(config, images), expected, atol=0.02)
-    evaluated = _ok(_cli(tmp_path, "--mode=evaluate", *common, "--limit=1000"))
+    evaluated = _ok(_in_process(tmp_path, "--mode=evaluate", *common, "--limit=1000"))
     assert keras_accuracy > 0.5 and evaluated["accuracy"] == pytest.approx(keras_accuracy, abs=0.01)
-    exported = _ok(_cli(tmp_path, "--mode=export", *common))
+    exported = _ok(_in_process(tmp_path, "--mode=export", *common))
     assert exported["saved_model"].startswith(os.path.join("exports", "digits_net", ""))
     ours = estimator_probabilities(config, images)
     np.save(tmp_path / "images.npy", images)
@@ -512,7 +513,7 @@ def test_model_file_under_mixed_bfloat16_computes_in_bfloat16(digits_file, test_
 )
 def test_bad_models_are_one_line_and_nothing_is_written(args, needles, mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
-    run = _refused(
+    run = _in_process(
         tmp_path, "--mode=train", *args, f"--data_dir={mnist_data_dir}", f"--model_dir={model_dir}"
     )
     assert_cli_error(run, *needles)
@@ -522,7 +523,7 @@ def test_bad_models_are_one_line_and_nothing_is_written(args, needles, mnist_dat
 def test_model_file_that_does_not_load_is_one_line(mnist_data_dir, tmp_path):
     broken = tmp_path / "broken.h5"
     broken.write_bytes(b"\x89HDF\r\n\x1a\n truncated")
-    run = _refused(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
+    run = _in_process(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
     assert_cli_error(run, f"cannot load the model file {broken}")
     assert not (tmp_path / "models").exists()
 
