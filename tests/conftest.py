@@ -14,28 +14,6 @@ import data_pipeline
 
 tfenv.silence_python_logging()
 
-# `make test` runs two pytest-xdist workers, each taking whole files (--dist loadfile). Files
-# start longest first (measured with --durations=0), so the two finish about together instead
-# of one waiting out a long file that happened to come last in alphabetical order.
-LONGEST_FIRST = (
-    "test_preflight.py",
-    "test_user_models.py",
-    "test_determinism.py",
-    "test_faults_data.py",
-    "test_serving.py",
-    "test_distributed.py",
-    "test_bridge.py",
-    "test_models.py",
-    "test_faults_train.py",
-    "test_byo_digits.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    """Orders the collected tests by file, longest first; the order within a file is kept."""
-    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:

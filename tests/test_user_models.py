@@ -297,8 +297,8 @@ def test_user_builder_trains_evaluates_and_predicts_from_the_cli(user_run):
         "model_params": {"width": 8},
     }
     evaluated = _ok(_cli(cwd, "--mode=evaluate", *common, "--limit=500"))
-    # 80 steps of 64: 0.766 in one run, above 0.8 in another (initial weights are unseeded).
-    assert evaluated["examples"] == 500 and evaluated["accuracy"] > 0.5
+    # 80 steps of 64 with --seed=1: 0.828 on VM B; the margin is for other CPUs' kernels.
+    assert evaluated["examples"] == 500 and evaluated["accuracy"] > 0.75
     predicted = _ok(_cli(cwd, "--mode=predict", *common, "--limit=500", "--plot"))
     assert predicted["csv"] == os.path.join("predictions", "build_bn_net", "predictions-test.csv")
     rows = np.genfromtxt(cwd / predicted["csv"], delimiter=",", names=True, dtype=None)
