@@ -63,6 +63,20 @@ class ServedModel:
         xla: Union[bool, str] = "auto",
         xla_max_batch: int = XLA_MAX_BATCH,
     ):
+        # The TF1 loader and the freezing log deprecation notices; this is their intended use.
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            self._load(
+                path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
+            )
+        finally:
+            logger.setLevel(level)
+
+    def _load(
+        self, path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
+    ):
         self.path = path
         self.signature_key = signature_key
         config = tf.compat.v1.ConfigProto(
