@@ -348,6 +348,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
+    _wait_for_a_free_timestamp(config.export_dir)
     path = estimator.export_saved_model(
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
@@ -358,6 +359,18 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         _atomic_keras_save(model, config.keras_output)
         result["keras"] = config.keras_output
     return result
+
+
+def _wait_for_a_free_timestamp(export_dir: str) -> None:
+    """Waits out the current second while an interrupted export's ``temp-<second>`` is there.
+
+    The Estimator writes to ``temp-<unix second>`` and renames it to ``<unix second>``; it skips
+    a second whose final folder exists but not one whose temp folder does, and the SavedModel
+    builder then fails with a bare AssertionError. A rerun within a second of a killed export
+    would hit that.
+    """
+    while os.path.exists(os.path.join(export_dir, f"temp-{int(time.time())}")):
+        time.sleep(0.05)
 
 
 def _atomic_keras_save(model: keras.Model, path: str) -> None:

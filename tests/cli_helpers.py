@@ -88,11 +88,12 @@ def assert_cli_error(run, *needles):
         assert str(needle) in lines[0], lines[0]
 
 
-def run_fresh_python(script, timeout=180):
-    """Runs ``script`` in a new CPU-only interpreter (no state shared with the tests).
+def run_fresh_python(script, *args, timeout=180):
+    """Runs ``script`` (with ``sys.argv[1:] = args``) in a new CPU-only interpreter.
 
-    The repo root is on its path, so it can import the project's modules; nothing is imported
-    for it (not even ``tfenv``), as in a user's own process.
+    No state is shared with the tests. The repo root is on its path, so it can import the
+    project's modules; nothing is imported for it (not even ``tfenv``), as in a user's own
+    process.
     """
     env = {
         **os.environ,
@@ -101,9 +102,28 @@ def run_fresh_python(script, timeout=180):
         "PYTHONPATH": REPO,
     }
     run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def checkpoint_variables(model_dir):
+    """Every variable of the latest checkpoint (weights, Adam slots, global step) by name."""
+    import tensorflow as tf
+
+    path = tf.train.latest_checkpoint(str(model_dir))
+    reader = tf.train.load_checkpoint(path)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(path)}
+
+
+def differing_variables(a, b):
+    """The names of the variables whose values differ between two ``checkpoint_variables``."""
+    assert a.keys() == b.keys()
+    return sorted(name for name in a if not np.array_equal(a[name], b[name]))
 
 
 def estimator_probabilities(config, images):

@@ -3,11 +3,7 @@
 import dataclasses
 import json
 import os
-import pickle
-import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +13,6 @@ from cli_helpers import (
     assert_cli_error,
     estimator_probabilities,
     run_cli,
-    run_fresh_python,
     run_main,
 )
 
@@ -365,60 +360,14 @@ def exported_cnn(trained_cnn):
     return config, result
 
 
-def test_export_layout_and_signatures(exported_cnn):
+def test_export_layout(exported_cnn):
+    """A TF Serving version folder; its signatures and what they serve: test_networks.py."""
     config, result = exported_cnn
     path = result["saved_model"]
     assert os.path.dirname(path) == config.export_dir
     assert os.path.basename(path).isdigit()  # TF Serving version directory
     assert os.path.exists(os.path.join(path, "saved_model.pb"))
-    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run(
-        [cli, "show", "--all", "--dir", path], capture_output=True, text=True, timeout=120
-    )
-    assert shown.returncode == 0, shown.stderr
-    signatures = set(re.findall(r"signature_def\['([^']+)'\]", shown.stdout))
-    # Raw images feed the default receiver; Classify (TF Serving) needs serialized examples.
-    assert signatures == {
-        "serving_default",
-        "predict",
-        "examples:serving_default",
-        "examples:predict",
-        "examples:classification",
-    }
-    assert (
-        "inputs['image'] tensor_info:\n        dtype: DT_FLOAT\n        shape: (-1, 28, 28, 1)"
-        in (shown.stdout)
-    )
-
-
-def test_saved_model_matches_estimator_in_fresh_process(exported_cnn, real_batch, tmp_path):
-    config, result = exported_cnn
-    images, labels = real_batch
-    expected = estimator_probabilities(config, images)
-    serialized = [
-        data_pipeline.encode_example(np.round(i[..., 0] * 255).astype(np.uint8), int(label))
-        for i, label in zip(images, labels)
-    ]
-    np.save(tmp_path / "images.npy", images)
-    (tmp_path / "examples.pkl").write_bytes(pickle.dumps(serialized))
-    script = f"""
-import pickle, numpy as np, tensorflow as tf
-m = tf.saved_model.load({result["saved_model"]!r})
-images = np.load({str(tmp_path / "images.npy")!r})
-examples = pickle.loads(open({str(tmp_path / "examples.pkl")!r}, "rb").read())
-raw = m.signatures["serving_default"](image=tf.constant(images))
-ex = m.signatures["examples:serving_default"](examples=tf.constant(examples))
-cls = m.signatures["examples:classification"](inputs=tf.constant(examples))
-np.savez({str(tmp_path / "out.npz")!r}, raw=raw["probabilities"].numpy(),
-         ex=ex["probabilities"].numpy(), scores=cls["scores"].numpy(),
-         classes=raw["classes"].numpy())
-"""
-    run_fresh_python(script)
-    out = np.load(tmp_path / "out.npz")
-    np.testing.assert_allclose(out["raw"], expected, atol=1e-5)
-    np.testing.assert_allclose(out["ex"], expected, atol=1e-5)
-    np.testing.assert_allclose(out["scores"], expected, atol=1e-5)
-    np.testing.assert_array_equal(out["classes"], expected.argmax(-1))
+    assert os.path.exists(os.path.join(path, "variables", "variables.index"))
 
 
 def test_keras_round_trip_both_ways(exported_cnn, real_batch, tmp_path):

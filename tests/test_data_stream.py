@@ -1,16 +1,15 @@
 """Datasets bigger than memory: prepare streams with flat memory and resumes after a SIGKILL."""
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
-from cli_helpers import MAIN, REPO
-
-sys.path.insert(0, os.path.join(REPO, "bench"))
-import benchlib  # noqa: E402 - bench/ is not a package; its run_peak_rss measures the child.
+from cli_helpers import REPO
 
 import data_pipeline
 from data_pipeline import check_shards, load_spec, prepare
@@ -19,11 +18,48 @@ from data_pipeline.images import write_synthetic_folder
 ENV = {**os.environ, "PYTHONPATH": REPO}
 
 
-def peak_rss_mb(args):
-    """Runs ``python main.py ARGS`` and returns the child's own peak resident memory in MB."""
-    run = benchlib.run_peak_rss([sys.executable, MAIN, *args])
-    assert run["returncode"] == 0, run["stderr"][-3000:]
-    return run["peak_mib"]
+# Runs main.py's prepare in one process for each SOURCE DATA_DIR pair of its arguments and prints
+# the process's own peak resident memory (VmHWM, MiB) after each: the first peak is what
+# TensorFlow and the pipeline take whatever the data, the next ones add what grows with it.
+PREPARES_WITH_PEAKS = textwrap.dedent(
+    """
+    import sys
+
+    import tfenv  # noqa: F401
+    from absl import flags as absl_flags
+
+    import flags
+    import main
+
+    flags.define_flags()
+    for source, data_dir in zip(sys.argv[1::2], sys.argv[2::2]):
+        argv = ["--mode=prepare", "--source_dir=" + source, "--data_dir=" + data_dir]
+        main.main(main.parse_flags([main.__file__, *argv]))
+        absl_flags.FLAGS.unparse_flags()
+        with open("/proc/self/status") as status:
+            peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+        print("peak_mib", int(peak) / 1024, flush=True)
+    """
+)
+
+
+def peak_rss_mb(*source_and_data_dirs):
+    """Prepares each ``(source, data_dir)`` in turn in one process; returns its peak after each.
+
+    One process for all: the first prepare's peak is the baseline (TensorFlow and the pipeline,
+    whatever the data); a process of its own per prepare would only add a 4-7 s cold start each.
+    """
+    args = [str(path) for pair in source_and_data_dirs for path in pair]
+    run = subprocess.run(
+        [sys.executable, "-c", PREPARES_WITH_PEAKS, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("peak")]
 
 
 def linked_folder(seed, root, counts):
@@ -48,22 +84,35 @@ def image_folders(tmp_path_factory):
     return small, large
 
 
-def test_prepare_memory_does_not_grow_with_the_dataset(image_folders, tmp_path):
+@pytest.fixture
+def ram_dir(tmp_path):
+    """A fresh folder in /dev/shm (RAM) where there is one, else ``tmp_path``.
+
+    The large prepare writes 440 MB of shards, each fsynced: to disk that takes 2-3 s more, and
+    the test is about the process's memory, not the disk. (Files in /dev/shm are not part of
+    the writer's resident memory.)
+    """
+    if not os.path.isdir("/dev/shm"):
+        yield tmp_path
+        return
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        yield pathlib.Path(folder)
+
+
+def test_prepare_memory_does_not_grow_with_the_dataset(image_folders, ram_dir):
     small, large = image_folders
     decoded_mb = 4000 * 192 * 192 * 3 / 2**20
-    peaks = [
-        peak_rss_mb(["--mode=prepare", f"--source_dir={src}", f"--data_dir={tmp_path / name}"])
-        for name, src in (("small", small), ("large", large))
-    ]
+    peaks = peak_rss_mb((small, ram_dir / "small"), (large, ram_dir / "large"))
+    assert len(peaks) == 2, peaks
     # 66x the images, yet the peak grows by far less than the decoded data (a few 8 MiB chunks
     # are in flight at once), and the whole process, TensorFlow included, stays under 1 GiB.
     assert peaks[1] - peaks[0] < decoded_mb / 5, (peaks, decoded_mb)
     assert peaks[1] < 1024, peaks
-    assert check_shards(tmp_path / "large", parse=False) == {"train": 3600, "test": 400}
+    assert check_shards(ram_dir / "large", parse=False) == {"train": 3600, "test": 400}
 
 
-# Prepares a folder in shards of 30 records and stalls (flushed) mid-way through shard 12
-# until it is killed; shards are finished (fsync, rename) by a second thread.
+# Prepares SOURCE into DATA_DIR in shards of N records and stalls (flushed) mid-way through
+# shard K until it is killed; shards are finished (fsync, rename) by a second thread.
 STALLED_PREPARE = textwrap.dedent(
     """
     import sys, time
@@ -71,19 +120,23 @@ STALLED_PREPARE = textwrap.dedent(
     import tensorflow as tf
     import data_pipeline
 
+    records_per_shard, stall_in_shard = int(sys.argv[3]), int(sys.argv[4])
+
     class Stall(tf.io.TFRecordWriter):
         written = 0
 
         def write(self, record):
             super().write(record)
             Stall.written += 1
-            if Stall.written == 12 * 30 + 15:
+            if Stall.written == stall_in_shard * records_per_shard + records_per_shard // 2:
                 self.flush()
                 print("READY", flush=True)
                 time.sleep(600)
 
     tf.io.TFRecordWriter = Stall
-    data_pipeline.prepare(sys.argv[1], sys.argv[2], records_per_shard=30, progress=False)
+    data_pipeline.prepare(
+        sys.argv[1], sys.argv[2], records_per_shard=records_per_shard, progress=False
+    )
     """
 )
 
@@ -96,19 +149,29 @@ def shard_stats(data_dir):
     }
 
 
+# 15 train and 3 test shards of the 1,797 digits, the kill in train shard 6: shards on both sides
+# of it, few enough that check_shards (a tf.data pipeline per shard) stays quick.
+RECORDS_PER_SHARD, KILLED_IN_SHARD = 100, 6
+
+
 def test_killed_prepare_resumes_without_rewriting_complete_shards(digits_folder, tmp_path):
     data_dir, reference = tmp_path / "data", tmp_path / "reference"
+    args = [data_dir, digits_folder, RECORDS_PER_SHARD, KILLED_IN_SHARD]
     proc = subprocess.Popen(
-        [sys.executable, "-c", STALLED_PREPARE, str(data_dir), str(digits_folder)],
+        [sys.executable, "-c", STALLED_PREPARE, *map(str, args)],
         stdout=subprocess.PIPE,
         env=ENV,
         text=True,
     )
     try:
+        # The uninterrupted prepare to compare with, done while the child imports TensorFlow.
+        uninterrupted = prepare(
+            reference, digits_folder, records_per_shard=RECORDS_PER_SHARD, progress=False
+        )
         assert proc.stdout.readline().strip() == "READY"
-        # The finisher thread may still be renaming shard 11.
+        # The finisher thread may still be renaming the shard before.
         for _ in range(3000):
-            if len(shard_stats(data_dir)) == 12:
+            if len(shard_stats(data_dir)) == KILLED_IN_SHARD:
                 break
             proc.poll()
             os.sched_yield()
@@ -118,14 +181,13 @@ def test_killed_prepare_resumes_without_rewriting_complete_shards(digits_folder,
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     before = shard_stats(data_dir)
-    assert sorted(before) == [f"train-{i:05d}-of-00050.tfrecord" for i in range(12)]
+    assert sorted(before) == [f"train-{i:05d}-of-00015.tfrecord" for i in range(KILLED_IN_SHARD)]
     assert not (data_dir / "dataset_spec.json").exists()
-    spec = prepare(data_dir, digits_folder, records_per_shard=30, progress=False)
+    spec = prepare(data_dir, digits_folder, records_per_shard=RECORDS_PER_SHARD, progress=False)
     after = shard_stats(data_dir)
     assert {name: after[name] for name in before} == before  # Not rewritten.
-    assert len(after) == 50 + 10 and not any(p.name.startswith(".") for p in data_dir.iterdir())
+    assert len(after) == 15 + 3 and not any(p.name.startswith(".") for p in data_dir.iterdir())
     # Equal to an uninterrupted prepare: same spec, same bytes in every shard.
-    uninterrupted = prepare(reference, digits_folder, records_per_shard=30, progress=False)
     assert spec.to_json() == uninterrupted.to_json() == load_spec(data_dir).to_json()
     for split in ("train", "test"):
         for mine, theirs in zip(spec.files(split), uninterrupted.files(split)):

@@ -104,15 +104,15 @@ def test_evaluator_task_gets_no_training_strategy(monkeypatch):
 @pytest.mark.slow
 def test_parameter_server_cluster_trains_and_evaluates(mnist_data_dir, tmp_path):
     model_dir = str(tmp_path / "model")
-    steps = 300
+    steps = 150
     config = run_cluster.cluster_config(
         data_dir=str(mnist_data_dir),
         model_dir=model_dir,
         distribution="parameter_server",
         train_steps=steps,
         batch_size=32,
-        eval_limit=2000,
-        save_checkpoints_steps=100,
+        eval_limit=1000,
+        save_checkpoints_steps=50,
     )
     report = run_cluster.run_cluster(config, workers=1, ps=1, timeout=CLUSTER_TIMEOUT_SECS)
     logs = {name: _tail(task["log"]) for name, task in report["tasks"].items()}

@@ -10,7 +10,9 @@ How TF 2.15's Estimator exports (``Estimator._export_all_saved_models``): it pic
 ``EXPORT_DIR/temp-<unix seconds>`` (variables first, ``saved_model.pb`` last) and renames the temp
 folder onto the numeric name with one ``gfile.Rename`` (``rename(2)``, atomic on a local file
 system). ``jobs.export`` saves the ``.keras`` file as ``<name>.tmp.keras`` and
-``os.replace``-s it. Killed mid-way, only the ``temp-*`` folder or ``*.tmp.keras`` file remains.
+``os.replace``-s it. Killed mid-way, only the ``temp-*`` folder or ``*.tmp.keras`` file remains,
+and an export started within the same second waits for the next one (the Estimator would fail
+on the leftover ``temp-<second>``).
 """
 
 import copy
@@ -32,7 +34,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras as keras
-from cli_helpers import MAIN, REPO, assert_cli_error, run_cli, run_main, start_main
+from cli_helpers import REPO, assert_cli_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -664,6 +666,117 @@ def test_cli_evaluate_bad_shards(small_data_dir, trained_model_dir, damage):
 
 # --- 3. SIGKILL during prepare through the CLI --------------------------------------------------
 
+# A fork server for main.py: it imports what main.py imports once (the 4-7 s of a cold start),
+# then forks one child per request, which runs ``main.main`` as ``python main.py ARGS`` would after
+# its imports. The children are real processes to SIGKILL, each started in milliseconds. A request
+# is one JSON line (args, and optionally an export step to pause at); the server answers with the
+# child's pid, then with its exit code once the child is gone.
+FORK_SERVER = textwrap.dedent(
+    """
+    import json, os, sys, time
+
+    import tfenv  # noqa: F401
+    import tensorflow as tf
+    from tensorflow.python.saved_model import builder_impl
+
+    import data_pipeline, estimator_bridge, flags, jobs, keras_models, main  # noqa: F401
+
+    # Patches one step of the export to create ready_file and wait there for the kill.
+    def pause_at(point, ready_file):
+        def pause(*args, **kwargs):
+            open(ready_file, "w").close()
+            time.sleep(600)
+
+        if point == "temp-variables-written":  # Before saved_model.pb is written.
+            builder_impl.SavedModelBuilder.save = pause
+        elif point == "temp-complete":  # Before temp-<ts> is renamed to <ts>.
+            tf.compat.v1.gfile.Rename = pause
+        elif point == "keras-tmp-complete":  # Before <name>.tmp.keras is renamed to <name>.
+            real_replace = os.replace
+
+            def replace(src, dst, *args, **kwargs):
+                if str(src).endswith(".tmp.keras"):
+                    pause()
+                return real_replace(src, dst, *args, **kwargs)
+
+            os.replace = replace
+
+    flags.define_flags()
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)  # Output discarded, as start_main's.
+                os.dup2(devnull, 1)
+                os.dup2(devnull, 2)
+                if request.get("pause_at"):
+                    pause_at(request["pause_at"], request["ready_file"])
+                main.main(main.parse_flags([main.__file__, *request["args"]]))
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            finally:
+                os._exit(code)  # Never back into this loop.
+        print(pid, flush=True)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+    """
+)
+
+
+class ForkedMain:
+    """One child of the fork server, handled like the ``subprocess.Popen`` of ``start_main``."""
+
+    def __init__(self, server, request):
+        server.stdin.write(json.dumps(request) + "\n")
+        server.stdin.flush()
+        self._server = server
+        self.pid = int(server.stdout.readline())
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:  # Reaped by the server, which has sent its exit code.
+                self.wait()
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # Already gone, as Popen.send_signal allows.
+                pass
+
+    def wait(self):
+        if self.returncode is None:
+            self.returncode = int(self._server.stdout.readline())
+        return self.returncode
+
+
+@pytest.fixture(scope="module")
+def fork_main():
+    """Starts ``main.py ARGS`` as a forked child of a warm interpreter: ``fork_main(*args)``.
+
+    Keyword ``pause_at`` (an export step) and ``ready_file`` make the child create that file at
+    that step and wait there to be killed.
+    """
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORK_SERVER],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    yield lambda *args, **pause: ForkedMain(server, {"args": list(args), **pause})
+    server.kill()  # Holds nothing to save; a clean exit with TensorFlow loaded takes a second.
+    server.wait(timeout=30)
+    server.stdin.close()
+    server.stdout.close()
+
 
 def poll(condition, proc, timeout=120.0):
     deadline = time.monotonic() + timeout
@@ -680,18 +793,23 @@ def final_shards(data_dir):
     return sorted(p for p in data_dir.iterdir() if SHARD_NAME.match(p.name))
 
 
+# 22 train and 4 test shards of MNIST: enough to kill between shards and within one, few enough
+# that check_shards (a tf.data pipeline per shard, ~40 ms each) stays quick.
+RECORDS_PER_SHARD = 2500
+
+
 @pytest.mark.parametrize("moment", ["first-final-shard", "random-delay"])
-def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
+def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, fork_main, moment):
     # test_data_writer.py kills a stalled in-process prepare() at one fixed record; this kills
-    # the real command line at moments that depend on the writer threads' progress.
+    # the command line at moments that depend on the writer threads' progress.
     data_dir = tmp_path / "data"
     args = [
         "--mode=prepare",
         f"--data_dir={data_dir}",
         f"--source_dir={mnist_dir}",
-        "--records_per_shard=500",
+        f"--records_per_shard={RECORDS_PER_SHARD}",
     ]
-    proc = start_main(*args)
+    proc = fork_main(*args)
     try:
         if moment == "first-final-shard":
             started = poll(lambda: data_dir.is_dir() and final_shards(data_dir), proc)
@@ -701,7 +819,7 @@ def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
         assert started, "prepare ended before it could be killed"
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait()
     # The kill may land after the spec was written (the process was still exiting): output
     # that looks complete must then be complete. Otherwise nothing may pass for complete.
     if (data_dir / "dataset_spec.json").exists():
@@ -709,50 +827,27 @@ def test_cli_sigkill_during_prepare_then_rerun(tmp_path, mnist_dir, moment):
     else:
         with pytest.raises(DataError, match="no dataset_spec.json"):
             load_spec(data_dir)
-    # Every shard under a final name is complete: 500 records that the reader's decoding takes.
-    for shard in final_shards(data_dir):
-        batches = list(tf.data.TFRecordDataset(str(shard)).batch(1000))
-        assert len(batches) == 1 and batches[0].shape == (500,), shard
-        data_pipeline.parse_serialized(batches[0])
-    run = run_main(*args)
+    # Every shard under a final name is complete: all its records, which the reader decodes.
+    # One pipeline reads them all, a shard per batch (cycle_length=1 keeps shards apart).
+    shards = final_shards(data_dir)
+    paths = tf.data.Dataset.from_tensor_slices(tf.constant([str(p) for p in shards], tf.string))
+    batches = list(
+        paths.interleave(
+            lambda path: tf.data.TFRecordDataset(path).batch(2 * RECORDS_PER_SHARD), cycle_length=1
+        )
+    )
+    assert len(batches) == len(shards), shards
+    for shard, batch in zip(shards, batches):
+        assert batch.shape == (RECORDS_PER_SHARD,), shard
+        data_pipeline.parse_serialized(batch)
+    # The rerun needs no process of its own: it runs in this one.
+    run = run_cli(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not any(p.name.startswith(".tmp-") for p in data_dir.iterdir())
     assert check_shards(data_dir, parse=False) == {"train": 55000, "test": 10000}
 
 
 # --- 4. SIGKILL during export -------------------------------------------------------------------
-
-# Runs main.py after patching one step of the export to announce itself and wait for the kill.
-PAUSED_MAIN = textwrap.dedent(
-    """
-    import os, runpy, sys, time
-
-    import tfenv  # noqa: F401
-    import tensorflow as tf
-    from tensorflow.python.saved_model import builder_impl
-
-    def pause(*args, **kwargs):
-        print("READY", flush=True)
-        time.sleep(600)
-
-    point = os.environ["PAUSE_AT"]
-    if point == "temp-variables-written":  # Before saved_model.pb is written.
-        builder_impl.SavedModelBuilder.save = pause
-    elif point == "temp-complete":  # Before temp-<ts> is renamed to <ts>.
-        tf.compat.v1.gfile.Rename = pause
-    elif point == "keras-tmp-complete":  # Before <name>.tmp.keras is renamed to <name>.
-        real_replace = os.replace
-
-        def replace(src, dst, *args, **kwargs):
-            if str(src).endswith(".tmp.keras"):
-                pause()
-            return real_replace(src, dst, *args, **kwargs)
-
-        os.replace = replace
-    sys.argv = [sys.argv[1], *sys.argv[2:]]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
 
 
 def export_args(mnist_data_dir, model_dir, export_dir, keras_path):
@@ -797,7 +892,8 @@ def assert_no_partial_export(export_dir, keras_path):
 
 
 def rerun_export(args, export_dir, keras_path, before):
-    run = run_main(*args)
+    # At once: within the second a killed export's temp-<second> is named for, as often here.
+    run = run_cli(*args)  # In this process: what is tested is what it finds on disk.
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     versions = assert_no_partial_export(export_dir, keras_path)
@@ -806,22 +902,18 @@ def rerun_export(args, export_dir, keras_path, before):
 
 
 @pytest.mark.parametrize("point", ["temp-variables-written", "temp-complete", "keras-tmp-complete"])
-def test_sigkill_during_export_at_each_step(tmp_path, mnist_data_dir, trained_model_dir, point):
+def test_sigkill_during_export_at_each_step(
+    tmp_path, mnist_data_dir, trained_model_dir, fork_main, point
+):
     export_dir, keras_path = tmp_path / "exports", tmp_path / "keras" / "cnn.keras"
     args = export_args(mnist_data_dir, trained_model_dir, export_dir, keras_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PAUSED_MAIN, MAIN, *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO, "PAUSE_AT": point},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    ready = tmp_path / "ready"
+    proc = fork_main(*args, pause_at=point, ready_file=str(ready))
     try:
-        assert proc.stdout.readline().strip() == "READY"
+        assert poll(ready.exists, proc), "export ended before it reached " + point
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     leftovers = sorted(p.name for p in export_dir.iterdir())
     versions = assert_no_partial_export(export_dir, keras_path)
@@ -834,23 +926,26 @@ def test_sigkill_during_export_at_each_step(tmp_path, mnist_data_dir, trained_mo
     rerun_export(args, export_dir, keras_path, versions)
 
 
-def test_sigkill_during_export_at_random_moments(tmp_path, mnist_data_dir, trained_model_dir):
+def test_sigkill_during_export_at_random_moments(
+    tmp_path, mnist_data_dir, trained_model_dir, fork_main
+):
     export_dir, keras_path = tmp_path / "exports", tmp_path / "keras" / "cnn.keras"
     args = export_args(mnist_data_dir, trained_model_dir, export_dir, keras_path)
     rng = random.Random(os.getpid())
     # Kill as soon as the temp folder appears, as soon as the .keras temp file appears, and
-    # twice after a random delay into the run (import, graph building or writing).
+    # twice after a random delay into the export (graph building or writing: the fork server's
+    # children start with main.py's imports done, and the export then takes about a second).
     triggers = [
         lambda: (
             export_dir.is_dir() and any(p.name.startswith("temp-") for p in export_dir.iterdir())
         ),
         lambda: (keras_path.parent / "cnn.keras.tmp.keras").exists(),
-        rng.uniform(0.8, 2.5),
-        rng.uniform(0.8, 2.5),
+        rng.uniform(0.0, 1.5),
+        rng.uniform(0.0, 1.5),
     ]
     outcomes = []
     for trigger in triggers:
-        proc = start_main(*args)
+        proc = fork_main(*args)
         try:
             if callable(trigger):
                 poll(trigger, proc)
@@ -858,7 +953,7 @@ def test_sigkill_during_export_at_random_moments(tmp_path, mnist_data_dir, train
                 poll(lambda: False, proc, timeout=trigger)
         finally:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            proc.wait()
         outcomes.append(proc.returncode)
         assert proc.returncode in (0, -signal.SIGKILL)
         assert_no_partial_export(export_dir, keras_path)

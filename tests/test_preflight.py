@@ -11,7 +11,7 @@ import time
 
 import pytest
 import tensorflow as tf
-from cli_helpers import REPO, assert_cli_error, run_cli, run_main
+from cli_helpers import REPO, assert_cli_error, run_cli
 
 import estimator_bridge
 import preflight
@@ -23,7 +23,7 @@ MAIN = os.path.join(REPO, "main.py")
 def small_model_dir(mnist_data_dir, tmp_path_factory):
     """A cnn model dir trained for 2 steps, for the jobs that read a checkpoint."""
     model_dir = tmp_path_factory.mktemp("small_cnn")
-    run = run_main(
+    run = run_cli(
         "--mode=train",
         f"--data_dir={mnist_data_dir}",
         f"--model_dir={model_dir}",
@@ -111,25 +111,41 @@ def test_data_dir_that_is_a_file(mode, a_file, tmp_path):
     assert_cli_error(run, f"--data_dir={a_file} is a file, not a folder")
 
 
-def _read_only_mount(folder, *main_args):
-    """Runs main.py with a read-only tmpfs on ``folder``, in a private mount namespace."""
-    command = " ".join(
+_UNDER_THE_MOUNT = """
+import json, sys
+from cli_helpers import run_cli
+runs = [run_cli(*args) for args in json.loads(sys.argv[1])]
+print(json.dumps([[run.returncode, run.stderr] for run in runs]))
+"""
+
+
+def _read_only_mount(folder, runs):
+    """Runs main.py once per argument list with a read-only tmpfs on ``folder``.
+
+    One process in a private mount namespace runs them all (``cli_helpers.run_cli``).
+    """
+    run = subprocess.run(
         [
-            f"mount -t tmpfs -o ro tmpfs {folder} &&",
-            "exec",
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$0" -c "$1" "$2"',
             sys.executable,
-            MAIN,
-            *[f"'{arg}'" for arg in main_args],
-        ]
-    )
-    return subprocess.run(
-        ["unshare", "--mount", "sh", "-c", command],
+            _UNDER_THE_MOUNT,
+            json.dumps(runs),
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
     )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout.splitlines()[-1])
+    return [
+        subprocess.CompletedProcess(args, code, "", err) for args, (code, err) in zip(runs, results)
+    ]
 
 
 def test_folder_that_cannot_be_written(mnist_data_dir, small_model_dir, tmp_path):
@@ -143,17 +159,20 @@ def test_folder_that_cannot_be_written(mnist_data_dir, small_model_dir, tmp_path
         pytest.skip("needs unshare --mount (root or CAP_SYS_ADMIN) for a read-only mount")
     read_only = tmp_path / "read_only"
     read_only.mkdir()
-    for flag, mode, value in [
+    cases = [
         ("--model_dir", "train", read_only),
         ("--model_dir", "train", read_only / "cnn"),
         ("--output_dir", "predict", read_only / "predictions"),
         ("--export_dir", "export", read_only),
-    ]:
+    ]
+    runs = []
+    for flag, mode, value in cases:
         model_dir = value if flag == "--model_dir" else small_model_dir
         args = [f"--mode={mode}", f"--data_dir={mnist_data_dir}", f"--model_dir={model_dir}"]
         if flag != "--model_dir":
             args.append(f"{flag}={value}")
-        run = _read_only_mount(read_only, *args)
+        runs.append(args)
+    for (flag, _, value), run in zip(cases, _read_only_mount(read_only, runs)):
         assert_cli_error(run, f"{flag}={value} cannot be written", "read-only file system")
 
 
@@ -162,10 +181,8 @@ def test_folder_that_cannot_be_written(mnist_data_dir, small_model_dir, tmp_path
 # --------------------------------------------------------------------------------------------
 
 
-def _train_command(data_dir, model_dir, mode="train", *extra):
+def _train_args(data_dir, model_dir, mode="train", *extra):
     return [
-        sys.executable,
-        MAIN,
         f"--mode={mode}",
         "--model=cnn",
         f"--data_dir={data_dir}",
@@ -178,21 +195,14 @@ def _train_command(data_dir, model_dir, mode="train", *extra):
     ]
 
 
-def _run(command):
-    return subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-
-
 def test_second_trainer_stops_at_once_and_writes_nothing(mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
     first = subprocess.Popen(
-        _train_command(mnist_data_dir, model_dir, "train", "--train_steps=100000"),
+        [
+            sys.executable,
+            MAIN,
+            *_train_args(mnist_data_dir, model_dir, "train", "--train_steps=100000"),
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO},
         stdout=subprocess.DEVNULL,
@@ -213,7 +223,8 @@ def test_second_trainer_stops_at_once_and_writes_nothing(mnist_data_dir, tmp_pat
         for mode in ("train", "train_and_evaluate"):
             before = _listing(model_dir)
             started = time.monotonic()
-            run = _run(_train_command(mnist_data_dir, model_dir, mode, "--train_steps=200000"))
+            # In this process: the lock is the kernel's, whichever process asks.
+            run = run_cli(*_train_args(mnist_data_dir, model_dir, mode, "--train_steps=200000"))
             assert_cli_error(
                 run,
                 f"{model_dir} is being trained by process {first.pid}",
@@ -232,7 +243,7 @@ def test_second_trainer_stops_at_once_and_writes_nothing(mnist_data_dir, tmp_pat
             ("export", [f"--export_dir={tmp_path / 'exports'}"]),
             ("predict", [f"--output_dir={tmp_path / 'predictions'}"]),
         ]:
-            run = _run(_train_command(mnist_data_dir, model_dir, mode, "--limit=200", *extra))
+            run = run_cli(*_train_args(mnist_data_dir, model_dir, mode, "--limit=200", *extra))
             assert run.returncode == 0, (mode, run.stderr[-2000:])
         assert first.poll() is None
     finally:
@@ -241,7 +252,7 @@ def test_second_trainer_stops_at_once_and_writes_nothing(mnist_data_dir, tmp_pat
 
     # The dead trainer's lock does not block the next run (the kernel dropped the flock).
     step = int(tf.train.latest_checkpoint(str(model_dir)).rsplit("-", 1)[1])
-    run = _run(_train_command(mnist_data_dir, model_dir, "train", f"--train_steps={step + 2}"))
+    run = run_cli(*_train_args(mnist_data_dir, model_dir, "train", f"--train_steps={step + 2}"))
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"trained cnn to step {step + 2}" in run.stderr
     assert json.loads((model_dir / preflight.LOCK_NAME).read_text())["pid"] != first.pid
@@ -277,35 +288,18 @@ def test_cluster_tasks_share_the_model_dir(tmp_path):
 # bf16 arithmetic
 # --------------------------------------------------------------------------------------------
 
-_FAKED_MAIN = """
-import platform, runpy, sys
-import tfenv  # before TensorFlow, as in main.py
-import preflight
-platform.machine = lambda: "x86_64"
-preflight.cpu_flags = lambda cpuinfo="/proc/cpuinfo": set({flags!r})
-preflight.gpu_compute_capabilities = lambda: []
-sys.argv = [{main!r}, *{args!r}]
-runpy.run_path({main!r}, run_name="__main__")
-"""
-
-
-def _main_with_cpu_flags(flags, *args):
-    script = _FAKED_MAIN.format(flags=sorted(flags), main=MAIN, args=list(args))
-    return subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-
 
 @pytest.mark.parametrize("has_bf16", [False, True])
-def test_mixed_bfloat16_without_bf16_arithmetic_says_so_first(has_bf16, mnist_data_dir, tmp_path):
+def test_mixed_bfloat16_without_bf16_arithmetic_says_so_first(
+    has_bf16, mnist_data_dir, tmp_path, monkeypatch
+):
+    # This machine's answer is faked both ways (x86, no GPU, these CPU flags).
     flags = {"sse2", "avx2", "fma"} | ({"avx512_bf16"} if has_bf16 else set())
-    run = _main_with_cpu_flags(
-        flags,
+    monkeypatch.setattr(preflight.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(preflight, "cpu_flags", lambda cpuinfo="/proc/cpuinfo": flags)
+    monkeypatch.setattr(preflight, "gpu_compute_capabilities", lambda: [])
+    monkeypatch.setattr(preflight, "_warned", False)  # it warns once per process
+    run = run_cli(
         "--mode=train",
         f"--data_dir={mnist_data_dir}",
         f"--model_dir={tmp_path}",

@@ -1,0 +1,208 @@
+"""Each network's seeded run: trained again bit for bit, exported, served every way.
+
+Each network trains 3 steps on real MNIST with ``--seed`` once per session (``seeded_network``).
+The same config trained again must write a bit-identical checkpoint (initial weights, dropout,
+input order and augmentation all seeded), another seed must not. The run is exported once; a fresh
+interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no Estimator)
+serves the export through ``serving.load`` (raw images through XLA, padded or not, and through
+the Session; ``tf.Example`` receivers; frozen and not), TF Serving's loader
+(``tf.compat.v1.saved_model.load`` + ``Session.run``) and TensorFlow 2's ``signatures``; all must
+match ``estimator.predict`` to 1e-5. The same interpreter runs ``saved_model_cli show --all``.
+"""
+
+import dataclasses
+import pickle
+import re
+
+import numpy as np
+import pytest
+from cli_helpers import (
+    checkpoint_variables,
+    differing_variables,
+    estimator_probabilities,
+    run_fresh_python,
+)
+
+import data_pipeline
+import estimator_bridge
+import jobs
+import keras_models
+import serving
+
+SIGNATURES = {
+    "serving_default",
+    "predict",
+    "examples:serving_default",
+    "examples:predict",
+    "examples:classification",
+}
+
+
+@pytest.fixture(scope="session", params=keras_models.MODEL_NAMES)
+def seeded_network(request, mnist_data_dir, tmp_path_factory):
+    """The config of a network trained 3 steps with --seed=7 and augmentation (in its model_dir).
+
+    Treat as read-only: the tests below train the same config again, or export it.
+    """
+    root = tmp_path_factory.mktemp(f"seeded_{request.param}")
+    config = estimator_bridge.Config(
+        model=request.param,
+        data_dir=str(mnist_data_dir),
+        model_dir=str(root / "model"),
+        export_dir=str(root / "export"),
+        batch_size=16,
+        train_steps=3,
+        train_limit=500,
+        seed=7,
+        augment=True,  # so the augmentation's draws are covered by the determinism check too
+        progress=False,
+    )
+    jobs.train(config)
+    return config
+
+
+def test_same_seed_same_checkpoint(seeded_network, tmp_path):
+    again = dataclasses.replace(seeded_network, model_dir=str(tmp_path / "again"))
+    jobs.train(again)
+    first = checkpoint_variables(seeded_network.model_dir)
+    assert int(first["global_step"]) == 3
+    assert differing_variables(first, checkpoint_variables(again.model_dir)) == []
+
+
+@pytest.mark.parametrize("seeded_network", ["rnn"], indirect=True)
+def test_other_seed_other_weights(seeded_network, tmp_path):
+    other = dataclasses.replace(seeded_network, model_dir=str(tmp_path / "other"), seed=8)
+    jobs.train(other)
+    # The GRU kernels come from keras_models.GateOrthogonal: the seed reaches them too.
+    differing = differing_variables(
+        checkpoint_variables(seeded_network.model_dir), checkpoint_variables(other.model_dir)
+    )
+    assert {"gru1/gru_cell/kernel", "gru1/gru_cell/recurrent_kernel"} <= set(differing)
+
+
+@pytest.fixture(scope="session")
+def exported(seeded_network):
+    """(config, SavedModel version folder) of a network's seeded run."""
+    return seeded_network, jobs.export(seeded_network)["saved_model"]
+
+
+@pytest.fixture(scope="session")
+def test_digits(mnist_source):
+    """The first 16 real test images (float32 [16, 28, 28, 1] in [0, 1]) and labels."""
+    images, labels = mnist_source.splits["test"]
+    return (images[:16, ..., None] / 255.0).astype(np.float32), labels[:16]
+
+
+SERVE_EVERY_WAY = """
+import contextlib, io, os, pickle, sys
+import numpy as np, tensorflow as tf
+import serving
+from tensorflow.python.tools import saved_model_cli
+
+path, folder = sys.argv[1:]
+images = np.load(os.path.join(folder, "images.npy"))
+examples = pickle.loads(open(os.path.join(folder, "examples.pkl"), "rb").read())
+out = {}
+auto = serving.load(path)
+out["serving"] = auto(image=images)["probabilities"]
+# "auto" kept one of the two raw-image paths; the other is loaded on purpose.
+xla = auto if auto.xla else serving.load(path, xla=True)
+assert xla.xla, "16 raw images should take the XLA path"
+out["serving_xla"] = xla(image=images)["probabilities"]
+# 5 and 11 images: padded to XLA programs for 8 and 16, the padding cut off again.
+out["serving_xla_padded"] = np.concatenate(
+    [xla(image=images[:5])["probabilities"], xla(image=images[5:])["probabilities"]])
+session = serving.load(path, xla=False) if auto.xla else auto
+out["serving_session"] = session(image=images)["probabilities"]
+newest = serving.load(os.path.dirname(path), xla=False)
+out["serving_newest_version"] = newest(images)["probabilities"]
+out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
+out["serving_examples"] = serving.load(path, "examples:serving_default")(
+    examples=examples)["probabilities"]
+classify = serving.load(path, "examples:classification")(inputs=examples)
+out["serving_classification"] = classify["scores"]
+assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
+
+# TF Serving's loader.
+graph = tf.Graph()
+session = tf.compat.v1.Session(graph=graph)
+with graph.as_default():
+    signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def
+default = signature["serving_default"]
+out["tf1_session"] = session.run(
+    default.outputs["probabilities"].name, {default.inputs["image"].name: images})
+
+# TensorFlow 2's signatures.
+signatures = tf.saved_model.load(path).signatures
+raw = signatures["serving_default"](image=tf.constant(images))
+out["tf2_signature"] = raw["probabilities"].numpy()
+out["tf2_examples"] = signatures["examples:serving_default"](
+    examples=tf.constant(examples))["probabilities"].numpy()
+out["tf2_classification"] = signatures["examples:classification"](
+    inputs=tf.constant(examples))["scores"].numpy()
+classes = raw["classes"].numpy()
+
+# `saved_model_cli show --all`, through the console script's own entry point.
+shown = io.StringIO()
+sys.argv = ["saved_model_cli", "show", "--all", "--dir", path]
+with contextlib.redirect_stdout(shown):
+    try:
+        saved_model_cli.main()
+    except SystemExit as exit_:
+        assert not exit_.code, exit_.code
+np.savez(os.path.join(folder, "out.npz"), classes=classes, **out)
+open(os.path.join(folder, "shown.txt"), "w").write(shown.getvalue())
+"""
+
+
+@pytest.fixture(scope="session")
+def served(exported, test_digits, tmp_path_factory):
+    """What a fresh TensorFlow-only interpreter got from the export, every way it can serve it.
+
+    Returns:
+        ``(probabilities by path, predicted classes, saved_model_cli show --all's text)``.
+    """
+    _, path = exported
+    images, labels = test_digits
+    folder = tmp_path_factory.mktemp("served")
+    examples = [
+        data_pipeline.encode_example(np.round(i[..., 0] * 255).astype(np.uint8), int(y))
+        for i, y in zip(images, labels)
+    ]
+    np.save(folder / "images.npy", images)
+    (folder / "examples.pkl").write_bytes(pickle.dumps(examples))
+    run_fresh_python(SERVE_EVERY_WAY, path, str(folder))
+    out = dict(np.load(folder / "out.npz"))
+    return out, out.pop("classes"), (folder / "shown.txt").read_text()
+
+
+def test_every_path_gives_the_estimators_probabilities(exported, served, test_digits):
+    config, _ = exported
+    probabilities, classes, _ = served
+    expected = estimator_probabilities(config, test_digits[0])
+    assert len(probabilities) == 12
+    for name, value in probabilities.items():
+        np.testing.assert_allclose(value, expected, atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(classes, expected.argmax(-1))
+
+
+def test_export_keeps_its_signatures(served):
+    """``saved_model_cli show --all`` lists the same five signatures, image ``[-1, 28, 28, 1]``."""
+    shown = served[2]
+    assert set(re.findall(r"signature_def\['([^']+)'\]", shown)) == SIGNATURES
+    assert re.search(
+        r"inputs\['image'\] tensor_info:\s+dtype: DT_FLOAT\s+shape: \(-1, 28, 28, 1\)", shown
+    )
+
+
+def test_load_describes_the_signature_and_refuses_wrong_inputs(exported):
+    _, path = exported
+    with serving.load(path, "predict") as model:
+        assert model.inputs == {"image": (np.float32, (None, 28, 28, 1))}
+        assert model.outputs == ["classes", "logits", "probabilities"]
+        out = model(image=np.zeros([2, 28, 28, 1], np.float32))
+        assert out["logits"].shape == (2, 10) and out["classes"].dtype == np.int64
+        with pytest.raises(TypeError, match="takes image, got examples"):
+            model(examples=[b""])
+    with pytest.raises(KeyError, match="no signature 'classify'.*examples:classification"):
+        serving.load(path, "classify")
