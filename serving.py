@@ -28,6 +28,7 @@ only TensorFlow is installed, newer versions included (checked with TensorFlow 2
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -64,70 +65,58 @@ class ServedModel:
         xla_max_batch: int = XLA_MAX_BATCH,
     ):
         # The TF1 loader and the freezing log deprecation notices; this is their intended use.
-        logger = tf.get_logger()
-        level = logger.level
-        logger.setLevel("ERROR")
-        try:
-            self._load(
-                path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
+        with _python_log_level("ERROR"):
+            self.path = path
+            self.signature_key = signature_key
+            config = tf.compat.v1.ConfigProto(
+                intra_op_parallelism_threads=intra_op_threads,
+                inter_op_parallelism_threads=inter_op_threads,
             )
-        finally:
-            logger.setLevel(level)
-
-    def _load(
-        self, path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
-    ):
-        self.path = path
-        self.signature_key = signature_key
-        config = tf.compat.v1.ConfigProto(
-            intra_op_parallelism_threads=intra_op_threads,
-            inter_op_parallelism_threads=inter_op_threads,
-        )
-        graph = tf.Graph()
-        session = tf.compat.v1.Session(graph=graph, config=config)
-        with graph.as_default():
-            meta_graph = tf.compat.v1.saved_model.load(session, [SERVE_TAG], path)
-        signatures = meta_graph.signature_def
-        if signature_key not in signatures:
-            session.close()
-            raise KeyError(
-                f"{path} has no signature {signature_key!r}; it has: "
-                + ", ".join(sorted(signatures))
-            )
-        signature = signatures[signature_key]
-        input_keys = sorted(signature.inputs)
-        self.outputs: List[str] = sorted(signature.outputs)
-        input_names = [signature.inputs[key].name for key in input_keys]
-        output_names = [signature.outputs[key].name for key in self.outputs]
-        if freeze:
-            # Variables read on every call stop oneDNN from caching its reordered weights;
-            # as constants they are reordered once (cnn batch 1: 2.6-3.4 -> 1.8-2.1 ms).
-            graph_def = tf.compat.v1.graph_util.convert_variables_to_constants(
-                session,
-                graph.as_graph_def(),
-                sorted({name.split(":")[0] for name in output_names}),
-            )
-            session.close()
             graph = tf.Graph()
-            with graph.as_default():
-                tf.compat.v1.import_graph_def(graph_def, name="")
             session = tf.compat.v1.Session(graph=graph, config=config)
-        self._session = session
-        feeds = [graph.get_tensor_by_name(name) for name in input_names]
-        self.inputs: Dict[str, tuple] = {
-            key: (tensor.dtype.as_numpy_dtype, tuple(tensor.shape.as_list()))
-            for key, tensor in zip(input_keys, feeds)
-        }
-        # One callable per signature: the feeds and fetches are resolved once, not on every run.
-        self._run = session.make_callable(
-            [graph.get_tensor_by_name(name) for name in output_names], feeds
-        )
-        numeric = all(np.dtype(dtype).kind in "fiub" for dtype, _ in self.inputs.values())
-        self._xla = None
-        if xla and freeze and xla_max_batch > 0 and numeric and tf.executing_eagerly():
-            self._xla = _XlaProgram(graph_def, input_names, output_names, xla_max_batch)
-            if xla == "auto" and not self._xla_is_faster():
-                self._xla = None
+            with graph.as_default():
+                meta_graph = tf.compat.v1.saved_model.load(session, [SERVE_TAG], path)
+            signatures = meta_graph.signature_def
+            if signature_key not in signatures:
+                session.close()
+                raise KeyError(
+                    f"{path} has no signature {signature_key!r}; it has: "
+                    + ", ".join(sorted(signatures))
+                )
+            signature = signatures[signature_key]
+            input_keys = sorted(signature.inputs)
+            self.outputs: List[str] = sorted(signature.outputs)
+            input_names = [signature.inputs[key].name for key in input_keys]
+            output_names = [signature.outputs[key].name for key in self.outputs]
+            if freeze:
+                # Variables read on every call stop oneDNN from caching its reordered weights;
+                # as constants they are reordered once (cnn batch 1: 2.6-3.4 -> 1.8-2.1 ms).
+                graph_def = tf.compat.v1.graph_util.convert_variables_to_constants(
+                    session,
+                    graph.as_graph_def(),
+                    sorted({name.split(":")[0] for name in output_names}),
+                )
+                session.close()
+                graph = tf.Graph()
+                with graph.as_default():
+                    tf.compat.v1.import_graph_def(graph_def, name="")
+                session = tf.compat.v1.Session(graph=graph, config=config)
+            self._session = session
+            feeds = [graph.get_tensor_by_name(name) for name in input_names]
+            self.inputs: Dict[str, tuple] = {
+                key: (tensor.dtype.as_numpy_dtype, tuple(tensor.shape.as_list()))
+                for key, tensor in zip(input_keys, feeds)
+            }
+            # One callable per signature: the feeds and fetches are resolved once, not on every run.
+            self._run = session.make_callable(
+                [graph.get_tensor_by_name(name) for name in output_names], feeds
+            )
+            numeric = all(np.dtype(dtype).kind in "fiub" for dtype, _ in self.inputs.values())
+            self._xla = None
+            if xla and freeze and xla_max_batch > 0 and numeric and tf.executing_eagerly():
+                self._xla = _XlaProgram(graph_def, input_names, output_names, xla_max_batch)
+                if xla == "auto" and not self._xla_is_faster():
+                    self._xla = None
 
     @property
     def xla(self) -> bool:
@@ -195,6 +184,18 @@ class ServedModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _python_log_level(level: str):
+    """Sets TensorFlow's Python logger to ``level`` for the ``with`` block."""
+    logger = tf.get_logger()
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 _PROGRAMS = itertools.count()

@@ -91,6 +91,8 @@ def assert_cli_error(run, *needles):
 def run_fresh_python(script, *args, timeout=180):
     """Runs ``script`` (with ``sys.argv[1:] = args``) in a new CPU-only interpreter.
 
+    Returns the finished ``subprocess.CompletedProcess`` (it exited 0).
+
     No state is shared with the tests. The repo root is on its path, so it can import the
     project's modules; nothing is imported for it (not even ``tfenv``), as in a user's own
     process.
@@ -109,6 +111,7 @@ def run_fresh_python(script, *args, timeout=180):
         env=env,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+    return run
 
 
 def checkpoint_variables(model_dir):

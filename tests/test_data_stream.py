@@ -9,7 +9,7 @@ import tempfile
 import textwrap
 
 import pytest
-from cli_helpers import REPO
+from cli_helpers import REPO, run_fresh_python
 
 import data_pipeline
 from data_pipeline import check_shards, load_spec, prepare
@@ -50,15 +50,7 @@ def peak_rss_mb(*source_and_data_dirs):
     whatever the data); a process of its own per prepare would only add a 4-7 s cold start each.
     """
     args = [str(path) for pair in source_and_data_dirs for path in pair]
-    run = subprocess.run(
-        [sys.executable, "-c", PREPARES_WITH_PEAKS, *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=REPO,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_fresh_python(PREPARES_WITH_PEAKS, *args, timeout=600)
     return [float(line.split()[1]) for line in run.stdout.splitlines() if line.startswith("peak")]
 
 

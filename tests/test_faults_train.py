@@ -12,15 +12,11 @@ import time
 
 import pytest
 import tensorflow as tf
-from cli_helpers import checkpoint_variables, differing_variables, run_cli
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_helpers import MAIN, REPO, checkpoint_variables, differing_variables, run_cli
 
 
-def _command(data_dir, model_dir, *extra):
+def _args(data_dir, model_dir, *extra):
     return [
-        sys.executable,
-        os.path.join(REPO, "main.py"),
         "--mode=train",
         "--model=cnn",
         f"--data_dir={data_dir}",
@@ -32,9 +28,10 @@ def _command(data_dir, model_dir, *extra):
     ]
 
 
-def _start(command):
+def _start(args):
+    """``python main.py ARGS`` in a real process (to signal), its output in pipes."""
     return subprocess.Popen(
-        command,
+        [sys.executable, MAIN, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -66,11 +63,11 @@ def _readable_step(checkpoint):
 def test_sigkill_then_rerun_resumes_to_the_uninterrupted_weights(mnist_data_dir, tmp_path):
     """A seeded run SIGKILLed mid-training and rerun ends bit for bit where an unbroken one does."""
     args = ["--train_steps=60", "--save_checkpoints_steps=10", "--augment"]
-    whole = run_cli(*_command(mnist_data_dir, tmp_path / "whole", *args)[2:])
+    whole = run_cli(*_args(mnist_data_dir, tmp_path / "whole", *args))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     model_dir = tmp_path / "resumed"
-    command = _command(mnist_data_dir, model_dir, *args)
+    command = _args(mnist_data_dir, model_dir, *args)
     process = _start(command)
     _wait_for_checkpoint(model_dir, process, 10)  # a checkpoint after step 0 is complete
     process.send_signal(signal.SIGKILL)
@@ -81,7 +78,7 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_weights(mnist_data_dir,
     assert 10 <= killed_at < 60
 
     # The rerun needs no process of its own: what is checked is what it resumes from.
-    rerun = run_cli(*command[2:])
+    rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming cnn from step {killed_at} to 60" in rerun.stderr
     final = checkpoint_variables(model_dir)
@@ -92,7 +89,7 @@ def test_sigkill_then_rerun_resumes_to_the_uninterrupted_weights(mnist_data_dir,
 def test_sigint_saves_a_checkpoint_and_says_so(mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
     # Periodic checkpoints far apart: the one written on the way out is the SIGINT's.
-    command = _command(
+    command = _args(
         mnist_data_dir, model_dir, "--train_steps=100000", "--save_checkpoints_steps=100000"
     )
     process = _start(command)
@@ -112,12 +109,10 @@ def test_sigint_saves_a_checkpoint_and_says_so(mnist_data_dir, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
-    good = run_cli(*_command(mnist_data_dir, model_dir, "--train_steps=10")[2:])
+    good = run_cli(*_args(mnist_data_dir, model_dir, "--train_steps=10"))
     assert good.returncode == 0, good.stderr[-2000:]
     # An absurd learning rate overflows float32 within a few steps: inf - inf = NaN.
-    bad = run_cli(
-        *_command(mnist_data_dir, model_dir, "--train_steps=500", "--learning_rate=1e38")[2:]
-    )
+    bad = run_cli(*_args(mnist_data_dir, model_dir, "--train_steps=500", "--learning_rate=1e38"))
     assert bad.returncode == 1, bad.stderr[-2000:]
     lines = [line for line in bad.stderr.splitlines() if not line.startswith(("resuming", "step"))]
     assert len(lines) == 1 and lines[0].startswith("error: the loss became NaN"), bad.stderr
