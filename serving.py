@@ -330,7 +330,11 @@ def latest_version(export_dir: str) -> Optional[str]:
     """
     if os.path.exists(os.path.join(export_dir, "saved_model.pb")) or not os.path.isdir(export_dir):
         return None
-    versions = [name for name in os.listdir(export_dir) if name.isdigit()]
+    versions = [
+        name
+        for name in os.listdir(export_dir)
+        if name.isdigit() and os.path.isdir(os.path.join(export_dir, name))
+    ]
     if not versions:
         return None
     return os.path.join(export_dir, max(versions, key=int))

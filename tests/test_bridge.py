@@ -46,9 +46,18 @@ def _spec(name_or_builder, mode, real_batch, **params):
         return spec, tf.compat.v1.get_default_graph()
 
 
+def _cudnn_variants(graph):
+    """Names of the graph's cuDNN GRU functions (Keras adds one per GRU for Grappler)."""
+    return [
+        f.signature.name
+        for f in graph.as_graph_def().library.function
+        if "gpu_gru" in f.signature.name
+    ]
+
+
 @pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
 def test_predict_spec(name, real_batch):
-    spec, _ = _spec(name, PREDICT, real_batch, intermediates=True)
+    spec, graph = _spec(name, PREDICT, real_batch, intermediates=True)
     p = spec.predictions
     assert p["classes"].dtype == tf.int64 and p["classes"].shape.as_list() == [BATCH]
     assert p["probabilities"].dtype == tf.float32
@@ -60,11 +69,14 @@ def test_predict_spec(name, real_batch):
     assert "dense1" in p and p["dense1"].shape.as_list() == [BATCH, 1024]
     assert set(spec.export_outputs) == {"serving_default", "classification", "predict"}
     assert spec.loss is None and spec.train_op is None
+    # Exports keep each GRU's cuDNN variant, for a server with a GPU.
+    assert bool(_cudnn_variants(graph)) == (name != "cnn")
 
 
 @pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
 def test_eval_spec(name, real_batch):
-    spec, _ = _spec(name, EVAL, real_batch)
+    spec, graph = _spec(name, EVAL, real_batch)
+    assert _cudnn_variants(graph) == []  # no GPU here: Grappler would optimise it for nothing
     assert spec.loss.shape.rank == 0 and spec.loss.dtype == tf.float32
     assert set(spec.eval_metric_ops) == {"accuracy", "mean_per_class_accuracy", "confusion_matrix"}
     value, update = spec.eval_metric_ops["confusion_matrix"]
@@ -77,6 +89,7 @@ def test_train_spec(name, real_batch):
     spec, graph = _spec(name, TRAIN, real_batch)
     assert spec.loss.shape.rank == 0 and spec.loss.dtype == tf.float32
     assert spec.train_op is not None
+    assert _cudnn_variants(graph) == []
     # Dropout is active in TRAIN mode only: the graph holds a live dropout mask.
     assert any("dropout" in op.name and op.type == "RandomUniform" for op in graph.get_operations())
     summaries = {t.op.name for t in graph.get_collection(tf.compat.v1.GraphKeys.SUMMARIES)}

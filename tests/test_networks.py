@@ -11,6 +11,7 @@ match ``estimator.predict`` to 1e-5. The same interpreter runs ``saved_model_cli
 """
 
 import dataclasses
+import os
 import pickle
 import re
 
@@ -114,8 +115,6 @@ out["serving_xla_padded"] = np.concatenate(
     [xla(image=images[:5])["probabilities"], xla(image=images[5:])["probabilities"]])
 session = serving.load(path, xla=False) if auto.xla else auto
 out["serving_session"] = session(image=images)["probabilities"]
-newest = serving.load(os.path.dirname(path), xla=False)
-out["serving_newest_version"] = newest(images)["probabilities"]
 out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
 out["serving_examples"] = serving.load(path, "examples:serving_default")(
     examples=examples)["probabilities"]
@@ -180,7 +179,7 @@ def test_every_path_gives_the_estimators_probabilities(exported, served, test_di
     config, _ = exported
     probabilities, classes, _ = served
     expected = estimator_probabilities(config, test_digits[0])
-    assert len(probabilities) == 12
+    assert len(probabilities) == 11
     for name, value in probabilities.items():
         np.testing.assert_allclose(value, expected, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(classes, expected.argmax(-1))
@@ -197,7 +196,9 @@ def test_export_keeps_its_signatures(served):
 
 def test_load_describes_the_signature_and_refuses_wrong_inputs(exported):
     _, path = exported
-    with serving.load(path, "predict") as model:
+    # Given the export folder, load serves its newest version, as TF Serving does.
+    with serving.load(os.path.dirname(path), "predict", xla=False) as model:
+        assert model.path == path
         assert model.inputs == {"image": (np.float32, (None, 28, 28, 1))}
         assert model.outputs == ["classes", "logits", "probabilities"]
         out = model(image=np.zeros([2, 28, 28, 1], np.float32))
@@ -206,3 +207,14 @@ def test_load_describes_the_signature_and_refuses_wrong_inputs(exported):
             model(examples=[b""])
     with pytest.raises(KeyError, match="no signature 'classify'.*examples:classification"):
         serving.load(path, "classify")
+
+
+def test_latest_version_picks_the_newest_complete_export(tmp_path):
+    for name in ("1795760585", "1795760999", "temp-1795761000", "notes"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "1795761001").write_text("a file, not a version folder")
+    (tmp_path / "1795760999" / "saved_model.pb").write_bytes(b"")
+    newest = str(tmp_path / "1795760999")
+    assert serving.latest_version(str(tmp_path)) == newest
+    assert serving.latest_version(newest) is None  # already a version folder
+    assert serving.latest_version(str(tmp_path / "notes")) is None  # no versions in it
