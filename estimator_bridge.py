@@ -672,6 +672,10 @@ def make_estimator(
         inter_op_parallelism_threads=config.inter_op_threads,
         **distribution.session_config_kwargs(config.distribution),
     )
+    # Grappler's MLIR pass changes nothing in TensorFlow 2.15 ("it won't run any optimizations
+    # right now", grappler/optimizers/meta_optimizer.cc) but converts each graph and function
+    # there and back for every distinct Session.run (README, "The model_fn").
+    session_config.graph_options.rewrite_options.disable_tfg_optimizer = True
     run_config = tf.estimator.RunConfig(
         **distribution.run_config_kwargs(config.distribution),
         model_dir=config.model_dir,

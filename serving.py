@@ -72,6 +72,10 @@ class ServedModel:
                 intra_op_parallelism_threads=intra_op_threads,
                 inter_op_parallelism_threads=inter_op_threads,
             )
+            rewrite = config.graph_options.rewrite_options
+            if "disable_tfg_optimizer" in rewrite.DESCRIPTOR.fields_by_name:
+                # Grappler's MLIR pass changes nothing but takes time on each new graph.
+                rewrite.disable_tfg_optimizer = True
             graph = tf.Graph()
             session = tf.compat.v1.Session(graph=graph, config=config)
             with graph.as_default():

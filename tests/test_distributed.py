@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import distribution
+import estimator_bridge
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_TIMEOUT_SECS = 240
@@ -165,42 +166,72 @@ import tfenv
 import distribution
 distribution.split_cpu(2)  # before anything initialises TensorFlow's runtime
 tfenv.silence_python_logging()
+import tensorflow as tf
 import estimator_bridge as bridge
 import jobs
 
-config = bridge.Config(**json.loads(sys.argv[1]))
 devices = distribution.local_devices()
-trained = jobs.train(config)
-evaluated = jobs.evaluate(config)
-keys = sorted(name for name, _ in __import__("tensorflow").train.list_variables(config.model_dir))
-print(json.dumps({"devices": devices, "train": trained, "eval": evaluated, "keys": keys}))
+results = {}
+for name, config in json.loads(sys.argv[1]).items():
+    config = bridge.Config(**config)
+    trained = jobs.train(config)
+    evaluated = jobs.evaluate(config)
+    keys = sorted(name for name, _ in tf.train.list_variables(config.model_dir))
+    results[name] = {"devices": devices, "train": trained, "eval": evaluated, "keys": keys}
+print(json.dumps(results))
 """
+# A user's builder (tests/user_models.py) beside the cnn: Keras names its unnamed layers again
+# for each replica, yet they must share one set of variables and checkpoint keys.
+USER_BN_NET = "user_models:build_bn_net"
 
 
-@pytest.mark.slow
-def test_mirrored_strategy_on_two_logical_cpus(mnist_data_dir, tmp_path):
-    config = {
-        "model": "cnn",
+@pytest.fixture(scope="module")
+def mirrored_runs(mnist_data_dir, tmp_path_factory):
+    """Train and evaluate results of the cnn and a user builder under MirroredStrategy on 2 CPUs.
+
+    Both run in one fresh process (the logical CPUs must exist before TensorFlow starts).
+    """
+    root = tmp_path_factory.mktemp("mirrored")
+    common = {
         "data_dir": str(mnist_data_dir),
-        "model_dir": str(tmp_path / "model"),
         "batch_size": 32,
         "eval_batch_size": 500,
-        "train_steps": 100,
-        "save_checkpoints_steps": 100,
         "eval_limit": 1000,
         "progress": False,
         "distribution": "mirrored",
         "seed": 1,
     }
+    configs = {
+        "cnn": {
+            **common,
+            "model": "cnn",
+            "model_dir": str(root / "cnn"),
+            "train_steps": 100,
+            "save_checkpoints_steps": 100,
+        },
+        "user": {
+            **common,
+            "model": USER_BN_NET,
+            "model_params": {"width": 8},
+            "model_dir": str(root / "user"),
+            "train_steps": 40,
+        },
+    }
     run = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(config)],
+        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(configs)],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
         capture_output=True,
         text=True,
         timeout=MIRRORED_TIMEOUT_SECS,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(mirrored_runs):
+    result = mirrored_runs["cnn"]
     assert [d.split("/")[-1] for d in result["devices"]] == ["device:CPU:0", "device:CPU:1"]
     assert result["train"]["global_step"] == 100
     evaluated = result["eval"]
@@ -210,3 +241,17 @@ def test_mirrored_strategy_on_two_logical_cpus(mnist_data_dir, tmp_path):
     # Checkpoint keys stay <layer>/<weight>, so the Keras round trip works after mirrored runs.
     assert "conv1/kernel" in result["keys"] and "logits/bias" in result["keys"]
     assert not [k for k in result["keys"] if k.startswith("replica_")]
+
+
+@pytest.mark.slow
+def test_user_builder_trains_under_mirrored_strategy(mirrored_runs, mnist_data_dir):
+    """Unnamed layers built once per replica still share one set of variables and keys."""
+    result = mirrored_runs["user"]
+    assert len(result["devices"]) == 2 and result["train"]["global_step"] == 40
+    assert result["eval"]["examples"] == 1000 and result["eval"]["accuracy"] > 0.5
+    user = estimator_bridge.Config(
+        model=USER_BN_NET, model_params={"width": 8}, data_dir=str(mnist_data_dir)
+    )
+    network = estimator_bridge.describe_network(user)
+    assert set(network.keys) <= set(result["keys"])
+    assert not [k for k in result["keys"] if "replica" in k]

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +20,6 @@ import tensorflow as tf
 import tf_keras as keras
 import user_models
 from cli_helpers import assert_cli_error, estimator_probabilities, run_cli, run_fresh_python
-from test_distributed import MIRRORED_SCRIPT, MIRRORED_TIMEOUT_SECS, REPO
 
 import data_pipeline
 import estimator_bridge
@@ -555,39 +552,3 @@ def test_model_file_that_does_not_load_is_one_line(mnist_data_dir, tmp_path):
     run = _cli(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
     assert_cli_error(run, f"cannot load the model file {broken}")
     assert not (tmp_path / "models").exists()
-
-
-@pytest.mark.slow
-def test_user_builder_trains_under_mirrored_strategy(mnist_data_dir, tmp_path):
-    """Unnamed layers built once per replica still share one set of variables and keys."""
-    config = {
-        "model": BN_NET,
-        "model_params": {"width": 8},
-        "data_dir": str(mnist_data_dir),
-        "model_dir": str(tmp_path / "model"),
-        "batch_size": 32,
-        "eval_batch_size": 500,
-        "train_steps": 40,
-        "eval_limit": 1000,
-        "progress": False,
-        "distribution": "mirrored",
-        "seed": 1,
-    }
-    run = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(config)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, TESTS])},
-        capture_output=True,
-        text=True,
-        timeout=MIRRORED_TIMEOUT_SECS,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(result["devices"]) == 2 and result["train"]["global_step"] == 40
-    assert result["eval"]["examples"] == 1000 and result["eval"]["accuracy"] > 0.5
-    user = estimator_bridge.Config(
-        model=BN_NET, model_params={"width": 8}, data_dir=str(mnist_data_dir)
-    )
-    network = estimator_bridge.describe_network(user)
-    assert set(network.keys) <= set(result["keys"])
-    assert not [k for k in result["keys"] if "replica" in k]
