@@ -176,7 +176,7 @@ for name, config in json.loads(sys.argv[1]).items():
     config = bridge.Config(**config)
     trained = jobs.train(config)
     evaluated = jobs.evaluate(config)
-    keys = sorted(name for name, _ in tf.train.list_variables(config.model_dir))
+    keys = sorted(key for key, _ in tf.train.list_variables(config.model_dir))
     results[name] = {"devices": devices, "train": trained, "eval": evaluated, "keys": keys}
 print(json.dumps(results))
 """
