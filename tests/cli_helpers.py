@@ -88,20 +88,20 @@ def assert_cli_error(run, *needles):
         assert str(needle) in lines[0], lines[0]
 
 
-def run_fresh_python(script, *args, timeout=180):
+def run_fresh_python(script, *args, timeout=180, pythonpath=()):
     """Runs ``script`` (with ``sys.argv[1:] = args``) in a new CPU-only interpreter.
 
     Returns the finished ``subprocess.CompletedProcess`` (it exited 0).
 
-    No state is shared with the tests. The repo root is on its path, so it can import the
-    project's modules; nothing is imported for it (not even ``tfenv``), as in a user's own
-    process.
+    No state is shared with the tests. The repo root and the folders in ``pythonpath`` are on its
+    path, so it can import the project's modules; nothing is imported for it (not even
+    ``tfenv``), as in a user's own process.
     """
     env = {
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "CUDA_VISIBLE_DEVICES": "",
-        "PYTHONPATH": REPO,
+        "PYTHONPATH": os.pathsep.join([REPO, *map(str, pythonpath)]),
     }
     run = subprocess.run(
         [sys.executable, "-c", script, *args],

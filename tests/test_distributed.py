@@ -8,11 +8,10 @@ import glob
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import tensorflow as tf
+from cli_helpers import run_fresh_python
 
 import distribution
 import estimator_bridge
@@ -217,15 +216,12 @@ def mirrored_runs(mnist_data_dir, tmp_path_factory):
             "train_steps": 40,
         },
     }
-    run = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT, json.dumps(configs)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
-        capture_output=True,
-        text=True,
+    run = run_fresh_python(
+        MIRRORED_SCRIPT,
+        json.dumps(configs),
         timeout=MIRRORED_TIMEOUT_SECS,
+        pythonpath=[os.path.join(REPO, "tests")],
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
