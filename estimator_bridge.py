@@ -397,9 +397,9 @@ def _without_cudnn_variants(skip: bool) -> Iterator[None]:
     In a graph, a fused GRU/LSTM adds two implementations: the loop it runs and a cuDNN one (with
     its gradients) that Grappler's implementation selector swaps in on a GPU. Without a GPU the
     cuDNN variant never runs, yet Grappler optimises it for every distinct ``Session.run`` of the
-    training graph: the birnn's 3-step training took 23.1 s with it and 17.7 s without, with the
-    same evaluation afterwards (README, "The model_fn"). ``_model_fn`` skips it for TRAIN and EVAL
-    only: an export keeps it, so it still runs cuDNN where it is served on a GPU.
+    training graph: the birnn's 3-step training took 1.4x as long with it, with the same evaluation
+    afterwards (``bench/bench_startup.py``; README, "The model_fn"). ``_model_fn`` skips it for
+    TRAIN and EVAL only: an export keeps it, so it still runs cuDNN where it is served on a GPU.
     """
     previous = getattr(_recurrent_build, "skip_cudnn", False)
     _recurrent_build.skip_cudnn = skip and not tf.config.list_physical_devices("GPU")
