@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -57,6 +58,8 @@ LOSS_COLLECTION = "estimator_bridge_total_loss"
 MODEL_KEY = "estimator_bridge_model"
 # Key of the model's own output among the layer outputs, when no single layer gives it.
 _OUTPUT = ":output"
+# Global steps between TensorBoard summaries of training (the Estimator's default).
+SUMMARY_STEPS = 100
 
 
 class UsageError(Exception):
@@ -189,7 +192,7 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
-def model_fn(features, labels, mode, params):
+def model_fn(features, labels, mode, params, config=None):
     """Generic Estimator model_fn for any functional Keras classifier.
 
     With a ``train_distribute``/``eval_distribute`` strategy the Estimator calls the model_fn
@@ -205,17 +208,20 @@ def model_fn(features, labels, mode, params):
             ``learning_rate``, and optionally ``model_params`` (builder kwargs),
             ``dropout_rate``, ``input_shape`` and ``num_classes`` (offered to builders that take
             them), ``class_names``, ``lr_schedule`` + ``decay_steps``, ``precision``,
-            ``intermediates`` (add every layer's output to the predictions) and
-            ``model_identity`` (recorded under ``MODEL_KEY`` when training).
+            ``intermediates`` (add every layer's output to the predictions),
+            ``model_identity`` (recorded under ``MODEL_KEY`` when training) and
+            ``summary_steps`` (the model_fn then writes the training summaries itself, see
+            :class:`SummaryHook`; the Estimator's ``save_summary_steps`` must be 0).
+        config: The Estimator's ``RunConfig`` (only the chief writes summaries).
 
     Returns:
         A ``tf.estimator.EstimatorSpec`` for ``mode``.
     """
-    return _model_fn(features, labels, mode, params)
+    return _model_fn(features, labels, mode, params, config)
 
 
 @tf.autograph.experimental.do_not_convert
-def _model_fn(features, labels, mode, params):
+def _model_fn(features, labels, mode, params, config=None):
     images = features["image"]
     training = mode == TRAIN
     _seed_initializers(params.get("seed"))
@@ -275,8 +281,22 @@ def _model_fn(features, labels, mode, params):
             name=MODEL_KEY,
             collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES],
         )
-    _train_summaries(images, labels, classes, learning_rate, layer_outputs)
-    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op)
+    summaries = (images, labels, classes, learning_rate, layer_outputs)
+    hooks = []
+    if not params.get("summary_steps"):
+        _train_summaries(*summaries)  # for the Estimator's own SummarySaverHook
+    elif config is not None and config.is_chief:
+        due = tf.compat.v1.placeholder_with_default(False, [], name="summaries_due")
+        # The loss too, which the Estimator adds for its own hook.
+        summary = tf.cond(
+            due,
+            lambda: tf.compat.v1.summary.merge(
+                [*_train_summaries(*summaries), tf.compat.v1.summary.scalar("loss", loss)]
+            ),
+            lambda: tf.constant(""),
+        )
+        hooks.append(SummaryHook(params["summary_steps"], config.model_dir, summary, due))
+    return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op, training_hooks=hooks)
 
 
 def _build_model(params: Mapping[str, Any]) -> keras.Model:
@@ -527,18 +547,41 @@ def _learning_rate(params: Mapping[str, Any], global_step) -> tf.Tensor:
     return tf.constant(base, tf.float32)
 
 
-def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> None:
-    """TensorBoard summaries written every ``save_summary_steps`` by the Estimator."""
-    tf.compat.v1.summary.scalar(
-        "train_accuracy", tf.reduce_mean(tf.cast(tf.equal(labels, classes), tf.float32))
-    )
-    tf.compat.v1.summary.scalar("learning_rate", learning_rate)
+def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> List:
+    """The training summaries for TensorBoard (empty strings in replicas other than the first)."""
+    accuracy = tf.reduce_mean(tf.cast(tf.equal(labels, classes), tf.float32))
+    summaries = [
+        tf.compat.v1.summary.scalar("train_accuracy", accuracy),
+        tf.compat.v1.summary.scalar("learning_rate", learning_rate),
+    ]
     # Image summaries take 1, 3 or 4 channels; other images show their first channel.
     shown = images if images.shape[-1] in (1, 3, 4) else images[..., :1]
-    tf.compat.v1.summary.image("input_images", shown, max_outputs=4)
+    summaries.append(tf.compat.v1.summary.image("input_images", shown, max_outputs=4))
     conv1 = layer_outputs.get("conv1")
     if conv1 is not None and conv1.shape.rank in (3, 4):
-        tf.compat.v1.summary.image("conv1_feature_maps", feature_map_grid(conv1), max_outputs=1)
+        grid = feature_map_grid(conv1)
+        summaries.append(tf.compat.v1.summary.image("conv1_feature_maps", grid, max_outputs=1))
+    return summaries
+
+
+class SummaryHook(tf.compat.v1.train.SummarySaverHook):
+    """The Estimator's SummarySaverHook, with the same fetches on every training step.
+
+    The stock hook fetches the summaries only on the steps that write them, so the first
+    ``Session.run`` of a training and the second differ, and Grappler optimises the whole
+    training graph for each (birnn: 1.4 s of a 3-step training, ``bench/bench_startup.py``).
+    Here they sit in a ``tf.cond`` whose predicate is fed on every step: one signature, and the
+    summaries are computed only when due, at the same steps as the stock hook's.
+    """
+
+    def __init__(self, save_steps: int, output_dir: str, summary: tf.Tensor, due: tf.Tensor):
+        super().__init__(save_steps=save_steps, output_dir=output_dir, summary_op=summary)
+        self._due = due
+
+    def before_run(self, run_context):
+        requests = dict(super().before_run(run_context).fetches)
+        requests["summary"] = self._get_summary_op()
+        return tf.estimator.SessionRunArgs(requests, {self._due: self._request_summary})
 
 
 def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
@@ -619,11 +662,26 @@ def describe_network(config: Config, spec=None) -> Network:
     """Builds the network (float32) in a throwaway graph and lists its checkpoint layout.
 
     Jobs call it first: a builder that fails or returns a model the bridge cannot train
-    (``keras_models.ModelError``) stops the job before anything is written.
+    (``keras_models.ModelError``) stops the job before anything is written. The layouts of the
+    project's own networks are kept for the process; a user's builder or file is built each time.
     """
     spec = spec or data_pipeline.load_spec(config.data_dir)
+    params = model_params(config, spec)
+    if isinstance(config.model, str) and config.model in keras_models.MODEL_NAMES:
+        # The project's own builders are pure: the same params give the same layout, so the
+        # jobs of one process (a notebook, train then export) build it once (birnn: 1.6-2.2 s).
+        return _describe_registered(json.dumps(params, sort_keys=True))
+    return _describe(params)
+
+
+@functools.lru_cache(maxsize=32)
+def _describe_registered(params_json: str) -> Network:
+    return _describe(json.loads(params_json))
+
+
+def _describe(params: Mapping[str, Any]) -> Network:
     with tf.Graph().as_default():
-        model = _build_model(model_params(config, spec))
+        model = _build_model(params)
         return Network(
             keys=tuple(_variable_key(w) for w in model.weights),
             shapes=tuple(tuple(w.shape.as_list()) for w in model.weights),
@@ -666,6 +724,7 @@ def make_estimator(
         "precision": config.precision,
         "intermediates": intermediates,
         "seed": config.seed,
+        "summary_steps": SUMMARY_STEPS,  # written by the model_fn's SummaryHook
     }
     session_config = tf.compat.v1.ConfigProto(
         intra_op_parallelism_threads=config.intra_op_threads,
@@ -685,6 +744,7 @@ def make_estimator(
         keep_checkpoint_max=config.keep_checkpoint_max,
         session_config=session_config,
         log_step_count_steps=None,
+        save_summary_steps=0,
     )
     return tf.estimator.Estimator(
         model_fn, config=run_config, params=params, warm_start_from=warm_start

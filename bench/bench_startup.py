@@ -1,4 +1,4 @@
-r"""Start-up of short Estimator jobs: the bridge as it is against the bridge without two changes.
+r"""Start-up of short Estimator jobs: the bridge as it is against it without its start-up changes.
 
 For every network in ``--models`` and every variant, one fresh process trains ``--train_steps``
 steps from scratch (batch 16, seeded, with augmentation: the test suite's seeded run), evaluates
@@ -10,7 +10,12 @@ alternate, and the variant order rotates from round to round. The variants:
   (``estimator_bridge._without_cudnn_variants`` patched to do nothing);
 * ``with_tfg``: Grappler's MLIR pass on (``disable_tfg_optimizer`` cleared on the Estimator's
   session config);
-* ``before``: both, the bridge before the two changes.
+* ``with_stock_summaries``: the Estimator's own SummarySaverHook, which fetches the summaries
+  only on the steps that write them (so the first and second training steps differ), instead of
+  ``estimator_bridge.SummaryHook``;
+* ``without_describe_memo``: ``estimator_bridge.describe_network`` builds the network again for
+  every job instead of once per process (only evaluate and export can gain);
+* ``before``: all four.
 
 Prints one line per run, then the median seconds of each job per variant, with the ratio to
 ``bridge``, and whether each variant's evaluation gave the same accuracy and loss.
@@ -34,7 +39,14 @@ from typing import Any, Dict, List
 
 import benchlib  # puts the repo root on sys.path and imports tfenv before TensorFlow
 
-VARIANTS = ("bridge", "with_cudnn_variant", "with_tfg", "before")
+VARIANTS = (
+    "bridge",
+    "with_cudnn_variant",
+    "with_tfg",
+    "with_stock_summaries",
+    "without_describe_memo",
+    "before",
+)
 JOBS = ("train", "evaluate", "export")
 FLAG_ORDER = ("models", "variants", "rounds", "train_steps", "eval_limit", "work_dir", "source_dir")
 
@@ -74,6 +86,25 @@ def run_one(args, data_dir: str, model: str, variant: str) -> Dict[str, Any]:
             return estimator
 
         estimator_bridge.make_estimator = with_tfg
+    if variant in ("with_stock_summaries", "before"):
+        steps = estimator_bridge.SUMMARY_STEPS
+        estimator_bridge.SUMMARY_STEPS = None  # the model_fn adds the summaries to the graph
+        make_estimator_ = estimator_bridge.make_estimator
+
+        def with_stock_summaries(*a, **k):
+            estimator = make_estimator_(*a, **k)
+            estimator._config = estimator.config.replace(save_summary_steps=steps)
+            return estimator
+
+        estimator_bridge.make_estimator = with_stock_summaries
+    if variant in ("without_describe_memo", "before"):
+        memo = estimator_bridge._describe_registered
+
+        def without_memo(params_json):
+            memo.cache_clear()
+            return memo(params_json)
+
+        estimator_bridge._describe_registered = without_memo
     model_dir = tempfile.mkdtemp(prefix=f"startup_{model}_", dir=args.work_dir)
     try:
         config = estimator_bridge.Config(

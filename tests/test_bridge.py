@@ -431,6 +431,37 @@ def test_conv1_feature_maps_are_a_grid_in_tensorboard(trained_cnn):
     assert len(np.unique(pixels[:28, :28])) > 10  # a real feature map in the first tile
 
 
+def test_every_training_step_fetches_the_same_tensors(cnn_config, tmp_path, monkeypatch):
+    """Summaries leave a step's fetches alone, so Grappler optimises the training graph once.
+
+    The Estimator's own SummarySaverHook fetched them only on the steps that write them: the
+    first and second steps differed. ``SummaryHook`` feeds its predicate on every step instead.
+    """
+    steps = []
+    do_run = tf.compat.v1.Session._do_run
+
+    def recording(self, handle, targets, fetches, feeds, *args):
+        names = sorted(tensor.name for tensor in fetches)
+        if "sparse_softmax_cross_entropy_loss/value:0" in names:  # a training step
+            fed = tuple(sorted(tensor.deref().name for tensor in feeds))
+            steps.append((tuple(sorted(op.name for op in targets)), tuple(names), fed))
+        return do_run(self, handle, targets, fetches, feeds, *args)
+
+    monkeypatch.setattr(tf.compat.v1.Session, "_do_run", recording)
+    config = dataclasses.replace(cnn_config, model_dir=str(tmp_path / "m"), train_steps=3)
+    jobs.train(config)
+    assert len(steps) == 3 and len(set(steps)) == 1, steps
+    assert steps[0][2] == ("summaries_due:0",)
+    # Written when due all the same: the first step's, at global step 1.
+    written = {}
+    for path in tf.io.gfile.glob(os.path.join(config.model_dir, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                written.setdefault(value.tag.split("/")[0], set()).add(event.step)
+    for tag in ("loss", "train_accuracy", "learning_rate", "input_images", "conv1_feature_maps"):
+        assert written.get(tag) == {1}, (tag, written)
+
+
 def test_train_and_evaluate_exports_the_best_checkpoint(mnist_data_dir, tmp_path):
     config = estimator_bridge.Config(
         model="cnn",

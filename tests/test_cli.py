@@ -1,7 +1,8 @@
 """main.py: bad input gives one line on stderr and exit code 2, never a traceback.
 
-Most cases run in real processes (what a user sees, TensorFlow's C++ log included); the variants
-of one check run in this process (``run_cli``).
+Two cases run in real processes, what a user sees with TensorFlow's C++ log included: a refusal
+of ``--model`` and one after the Estimator's checkpoint lookup. The rest run in this process
+(``run_cli``).
 """
 
 import pytest
@@ -13,7 +14,7 @@ def test_unknown_model_lists_choices():
 
 
 def test_unknown_mode_lists_choices():
-    assert_cli_error(run_main("--mode=fit"), "prepare", "train_and_evaluate", "export")
+    assert_cli_error(run_cli("--mode=fit"), "prepare", "train_and_evaluate", "export")
 
 
 @pytest.mark.parametrize("flag", ["--batch_size=0", "--batch_size=-4", "--train_steps=0"])
@@ -24,7 +25,7 @@ def test_non_positive_sizes(flag, mnist_data_dir, tmp_path):
 
 def test_missing_data_dir(tmp_path):
     missing = tmp_path / "nowhere"
-    run = run_main("--mode=train", f"--data_dir={missing}", f"--model_dir={tmp_path / 'm'}")
+    run = run_cli("--mode=train", f"--data_dir={missing}", f"--model_dir={tmp_path / 'm'}")
     assert_cli_error(run, str(missing), "--mode=prepare")
 
 

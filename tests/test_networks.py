@@ -2,12 +2,14 @@
 
 Each network trains 3 steps on real MNIST with ``--seed`` once per session (``seeded_network``).
 The same config trained again must write a bit-identical checkpoint (initial weights, dropout,
-input order and augmentation all seeded), another seed must not. The run is exported once; a fresh
-interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no Estimator)
-serves the export through ``serving.load`` (raw images through XLA, padded or not, and through
-the Session; ``tf.Example`` receivers; frozen and not), TF Serving's loader
-(``tf.compat.v1.saved_model.load`` + ``Session.run``) and TensorFlow 2's ``signatures``; all must
-match ``estimator.predict`` to 1e-5. The same interpreter runs ``saved_model_cli show --all``.
+input order and augmentation all seeded), another seed must not. Each run is exported once; one
+fresh interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no
+Estimator) serves the four exports, one after the other as a server holding several models would,
+through ``serving.load`` (raw images through XLA, padded or not, and through the Session;
+``tf.Example`` receivers; frozen and not), TF Serving's loader (``tf.compat.v1.saved_model.load``
++ ``Session.run``) and TensorFlow 2's ``signatures``; all must match ``estimator.predict`` to
+1e-5. Four exports in one process also cover the function names that XLA's eager import
+registers process-wide. The same interpreter runs ``saved_model_cli show --all`` on each.
 """
 
 import dataclasses
@@ -39,27 +41,35 @@ SIGNATURES = {
 }
 
 
-@pytest.fixture(scope="session", params=keras_models.MODEL_NAMES)
-def seeded_network(request, mnist_data_dir, tmp_path_factory):
-    """The config of a network trained 3 steps with --seed=7 and augmentation (in its model_dir).
+@pytest.fixture(scope="session")
+def seeded_networks(mnist_data_dir, tmp_path_factory):
+    """Name -> config of each network trained 3 steps with --seed=7 and augmentation.
 
-    Treat as read-only: the tests below train the same config again, or export it.
+    Treat as read-only: the tests below train the same configs again, or export them.
     """
-    root = tmp_path_factory.mktemp(f"seeded_{request.param}")
-    config = estimator_bridge.Config(
-        model=request.param,
-        data_dir=str(mnist_data_dir),
-        model_dir=str(root / "model"),
-        export_dir=str(root / "export"),
-        batch_size=16,
-        train_steps=3,
-        train_limit=500,
-        seed=7,
-        augment=True,  # so the augmentation's draws are covered by the determinism check too
-        progress=False,
-    )
-    jobs.train(config)
-    return config
+    configs = {}
+    for name in keras_models.MODEL_NAMES:
+        root = tmp_path_factory.mktemp(f"seeded_{name}")
+        configs[name] = estimator_bridge.Config(
+            model=name,
+            data_dir=str(mnist_data_dir),
+            model_dir=str(root / "model"),
+            export_dir=str(root / "export"),
+            batch_size=16,
+            train_steps=3,
+            train_limit=500,
+            seed=7,
+            augment=True,  # so the augmentation's draws are covered by the determinism check too
+            progress=False,
+        )
+        jobs.train(configs[name])
+    return configs
+
+
+@pytest.fixture(scope="session", params=keras_models.MODEL_NAMES)
+def seeded_network(request, seeded_networks):
+    """The config of one network's seeded run (read-only)."""
+    return seeded_networks[request.param]
 
 
 def test_same_seed_same_checkpoint(seeded_network, tmp_path):
@@ -82,9 +92,15 @@ def test_other_seed_other_weights(seeded_network, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def exported(seeded_network):
-    """(config, SavedModel version folder) of a network's seeded run."""
-    return seeded_network, jobs.export(seeded_network)["saved_model"]
+def exports(seeded_networks):
+    """Name -> SavedModel version folder of each network's seeded run."""
+    return {name: jobs.export(config)["saved_model"] for name, config in seeded_networks.items()}
+
+
+@pytest.fixture(scope="session")
+def exported(seeded_network, exports):
+    """(config, SavedModel version folder) of one network's seeded run."""
+    return seeded_network, exports[seeded_network.model]
 
 
 @pytest.fixture(scope="session")
@@ -100,68 +116,68 @@ import numpy as np, tensorflow as tf
 import serving
 from tensorflow.python.tools import saved_model_cli
 
-path, folder = sys.argv[1:]
+folder, *paths = sys.argv[1:]
 images = np.load(os.path.join(folder, "images.npy"))
 examples = pickle.loads(open(os.path.join(folder, "examples.pkl"), "rb").read())
-out = {}
-auto = serving.load(path)
-out["serving"] = auto(image=images)["probabilities"]
-# "auto" kept one of the two raw-image paths; the other is loaded on purpose.
-xla = auto if auto.xla else serving.load(path, xla=True)
-assert xla.xla, "16 raw images should take the XLA path"
-out["serving_xla"] = xla(image=images)["probabilities"]
-# 5 and 11 images: padded to XLA programs for 8 and 16, the padding cut off again.
-out["serving_xla_padded"] = np.concatenate(
-    [xla(image=images[:5])["probabilities"], xla(image=images[5:])["probabilities"]])
-session = serving.load(path, xla=False) if auto.xla else auto
-out["serving_session"] = session(image=images)["probabilities"]
-out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
-out["serving_examples"] = serving.load(path, "examples:serving_default")(
-    examples=examples)["probabilities"]
-classify = serving.load(path, "examples:classification")(inputs=examples)
-out["serving_classification"] = classify["scores"]
-assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
+for number, path in enumerate(paths):
+    out = {}
+    auto = serving.load(path)
+    out["serving"] = auto(image=images)["probabilities"]
+    # "auto" kept one of the two raw-image paths; the other is loaded on purpose.
+    xla = auto if auto.xla else serving.load(path, xla=True)
+    assert xla.xla, "16 raw images should take the XLA path"
+    out["serving_xla"] = xla(image=images)["probabilities"]
+    # 5 and 11 images: padded to XLA programs for 8 and 16, the padding cut off again.
+    out["serving_xla_padded"] = np.concatenate(
+        [xla(image=images[:5])["probabilities"], xla(image=images[5:])["probabilities"]])
+    session = serving.load(path, xla=False) if auto.xla else auto
+    out["serving_session"] = session(image=images)["probabilities"]
+    out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
+    out["serving_examples"] = serving.load(path, "examples:serving_default")(
+        examples=examples)["probabilities"]
+    classify = serving.load(path, "examples:classification")(inputs=examples)
+    out["serving_classification"] = classify["scores"]
+    assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
 
-# TF Serving's loader.
-graph = tf.Graph()
-session = tf.compat.v1.Session(graph=graph)
-with graph.as_default():
-    signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def
-default = signature["serving_default"]
-out["tf1_session"] = session.run(
-    default.outputs["probabilities"].name, {default.inputs["image"].name: images})
+    # TF Serving's loader.
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
+    with graph.as_default():
+        signature = tf.compat.v1.saved_model.load(session, ["serve"], path).signature_def
+    default = signature["serving_default"]
+    out["tf1_session"] = session.run(
+        default.outputs["probabilities"].name, {default.inputs["image"].name: images})
 
-# TensorFlow 2's signatures.
-signatures = tf.saved_model.load(path).signatures
-raw = signatures["serving_default"](image=tf.constant(images))
-out["tf2_signature"] = raw["probabilities"].numpy()
-out["tf2_examples"] = signatures["examples:serving_default"](
-    examples=tf.constant(examples))["probabilities"].numpy()
-out["tf2_classification"] = signatures["examples:classification"](
-    inputs=tf.constant(examples))["scores"].numpy()
-classes = raw["classes"].numpy()
+    # TensorFlow 2's signatures.
+    signatures = tf.saved_model.load(path).signatures
+    raw = signatures["serving_default"](image=tf.constant(images))
+    out["tf2_signature"] = raw["probabilities"].numpy()
+    out["tf2_examples"] = signatures["examples:serving_default"](
+        examples=tf.constant(examples))["probabilities"].numpy()
+    out["tf2_classification"] = signatures["examples:classification"](
+        inputs=tf.constant(examples))["scores"].numpy()
+    classes = raw["classes"].numpy()
 
-# `saved_model_cli show --all`, through the console script's own entry point.
-shown = io.StringIO()
-sys.argv = ["saved_model_cli", "show", "--all", "--dir", path]
-with contextlib.redirect_stdout(shown):
-    try:
-        saved_model_cli.main()
-    except SystemExit as exit_:
-        assert not exit_.code, exit_.code
-np.savez(os.path.join(folder, "out.npz"), classes=classes, **out)
-open(os.path.join(folder, "shown.txt"), "w").write(shown.getvalue())
+    # `saved_model_cli show --all`, through the console script's own entry point.
+    shown = io.StringIO()
+    sys.argv = ["saved_model_cli", "show", "--all", "--dir", path]
+    with contextlib.redirect_stdout(shown):
+        try:
+            saved_model_cli.main()
+        except SystemExit as exit_:
+            assert not exit_.code, exit_.code
+    np.savez(os.path.join(folder, f"out{number}.npz"), classes=classes, **out)
+    open(os.path.join(folder, f"shown{number}.txt"), "w").write(shown.getvalue())
 """
 
 
 @pytest.fixture(scope="session")
-def served(exported, test_digits, tmp_path_factory):
-    """What a fresh TensorFlow-only interpreter got from the export, every way it can serve it.
+def served_networks(exports, test_digits, tmp_path_factory):
+    """What one fresh TensorFlow-only interpreter got from the four exports, every way.
 
     Returns:
-        ``(probabilities by path, predicted classes, saved_model_cli show --all's text)``.
+        Name -> ``(probabilities by path, predicted classes, saved_model_cli show --all's text)``.
     """
-    _, path = exported
     images, labels = test_digits
     folder = tmp_path_factory.mktemp("served")
     examples = [
@@ -170,9 +186,19 @@ def served(exported, test_digits, tmp_path_factory):
     ]
     np.save(folder / "images.npy", images)
     (folder / "examples.pkl").write_bytes(pickle.dumps(examples))
-    run_fresh_python(SERVE_EVERY_WAY, path, str(folder))
-    out = dict(np.load(folder / "out.npz"))
-    return out, out.pop("classes"), (folder / "shown.txt").read_text()
+    names = list(exports)
+    run_fresh_python(SERVE_EVERY_WAY, str(folder), *(exports[name] for name in names), timeout=400)
+    served = {}
+    for number, name in enumerate(names):
+        out = dict(np.load(folder / f"out{number}.npz"))
+        served[name] = out, out.pop("classes"), (folder / f"shown{number}.txt").read_text()
+    return served
+
+
+@pytest.fixture(scope="session")
+def served(exported, served_networks):
+    """One network's part of ``served_networks``."""
+    return served_networks[exported[0].model]
 
 
 def test_every_path_gives_the_estimators_probabilities(exported, served, test_digits):

@@ -240,6 +240,26 @@ def test_checkpoint_keys_do_not_depend_on_eager_layer_names(mnist_data_dir):
     assert [w.name.split(":")[0] for w in eager.weights] != list(first.keys)
 
 
+def test_only_the_projects_own_networks_are_described_once_per_process(mnist_data_dir):
+    config = estimator_bridge.Config(model="cnn", data_dir=str(mnist_data_dir), dropout_rate=0.3)
+    first = estimator_bridge.describe_network(config)
+    # Another job of the same network (other folders, same build params) reuses the layout...
+    assert estimator_bridge.describe_network(dataclasses.replace(config, model_dir="x")) is first
+    # ...but other build params are another network.
+    wider = dataclasses.replace(config, model_params={"dense_units": 64})
+    assert estimator_bridge.describe_network(wider).shapes[4] == (3136, 64) != first.shapes[4]
+    # A user's builder may read files or globals: it is built every time.
+    calls = []
+
+    def builder(input_shape, num_classes):
+        calls.append(input_shape)
+        return user_models.build_bn_net(input_shape=input_shape, num_classes=num_classes)
+
+    user = dataclasses.replace(config, model=builder)
+    assert estimator_bridge.describe_network(user) == estimator_bridge.describe_network(user)
+    assert calls == [(28, 28, 1), (28, 28, 1)]
+
+
 # ---- end to end: a builder from a module, through the command line ------------------------
 
 
