@@ -218,7 +218,8 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     """Writes ``predictions-<split>.csv`` and optional plots.
 
     The CSV's columns are index, label, class, probability (of the predicted class), then
-    label_name and class_name (the dataset's class names).
+    label_name and class_name (the dataset's class names), and for a dataset prepared from an
+    image folder, file (the image's path in that folder).
 
     Returns:
         ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
@@ -237,6 +238,7 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
         config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
     )
     labels = _labels(config, split)
+    files = spec.record_files(split)  # None unless prepared from an image folder
     os.makedirs(config.output_dir, exist_ok=True)
     csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
     samples: List[Dict[str, np.ndarray]] = []
@@ -245,16 +247,18 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     errors = data_pipeline.translate_errors(config.data_dir)
     with errors, open(csv_path + ".tmp", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["index", "label", "class", "probability", "label_name", "class_name"])
-        rows = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
-        for index, row in enumerate(rows):
-            label, cls = int(labels[index]), int(row["classes"])
-            probability = f"{row['probabilities'][cls]:.6f}"
-            writer.writerow([index, label, cls, probability, names[label], names[cls]])
+        columns = ["index", "label", "class", "probability", "label_name", "class_name"]
+        writer.writerow(columns + (["file"] if files is not None else []))
+        predictions = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
+        for index, prediction in enumerate(predictions):
+            label, cls = int(labels[index]), int(prediction["classes"])
+            probability = f"{prediction['probabilities'][cls]:.6f}"
+            source = [files[index]] if files is not None else []
+            writer.writerow([index, label, cls, probability, names[label], names[cls], *source])
             correct += cls == label
             count += 1
             if len(samples) < _PLOTTED_DIGITS:
-                samples.append(row)
+                samples.append(prediction)
     os.replace(csv_path + ".tmp", csv_path)
     plots = _plot_predictions(config, samples, labels, names) if config.plot else []
     return {

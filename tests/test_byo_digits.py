@@ -158,6 +158,7 @@ def test_npz_digits_train_a_user_builder_on_their_own_shape(npz_run, digits):
     _, labels = digits
     assert [int(row["label"]) for row in rows] == labels[DIGITS_TRAIN:].tolist()
     assert all(row["class_name"] == row["class"] for row in rows)
+    assert "file" not in rows[0]  # an npz names no file per image
     assert predicted["accuracy"] == pytest.approx(evaluated["accuracy"], abs=1e-6)
 
 
@@ -176,11 +177,12 @@ def test_png_folder_digits_train_a_softmax_model_file(folder_run, digits_folder)
     assert spec.image_shape == (8, 8, 1)
     assert trained["global_step"] == 150
     assert evaluated["examples"] == 297 and evaluated["accuracy"] > 0.85
-    # Every predicted row names its class and the true one: the folder the image came from.
+    # Every predicted row names its image, its class and the true one: the image's folder.
     with open(predicted["csv"], newline="") as handle:
         rows = list(csv.DictReader(handle))
     files = spec.record_files("test")
     assert len(rows) == len(files) == 297
+    assert [row["file"] for row in rows] == files
     for row, path in zip(rows, files):
         assert row["label_name"] == os.path.basename(os.path.dirname(path))
         assert row["label_name"] == spec.class_names[int(row["label"])]
