@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -667,16 +666,18 @@ def describe_network(config: Config, spec=None) -> Network:
     """
     spec = spec or data_pipeline.load_spec(config.data_dir)
     params = model_params(config, spec)
-    if isinstance(config.model, str) and config.model in keras_models.MODEL_NAMES:
-        # The project's own builders are pure: the same params give the same layout, so the
-        # jobs of one process (a notebook, train then export) build it once (birnn: 1.6-2.2 s).
-        return _describe_registered(json.dumps(params, sort_keys=True))
-    return _describe(params)
+    if not (isinstance(config.model, str) and config.model in keras_models.MODEL_NAMES):
+        return _describe(params)
+    # The project's own builders are pure: the same params give the same layout, so the jobs
+    # of one process (a notebook, train then export) build it once (birnn: 1.6-2.2 s).
+    key = json.dumps(params, sort_keys=True, default=repr)
+    network = _REGISTERED_LAYOUTS.get(key)
+    if network is None:
+        network = _REGISTERED_LAYOUTS[key] = _describe(params)
+    return network
 
 
-@functools.lru_cache(maxsize=32)
-def _describe_registered(params_json: str) -> Network:
-    return _describe(json.loads(params_json))
+_REGISTERED_LAYOUTS: Dict[str, Network] = {}  # describe_network's, by params
 
 
 def _describe(params: Mapping[str, Any]) -> Network:

@@ -98,13 +98,12 @@ def run_one(args, data_dir: str, model: str, variant: str) -> Dict[str, Any]:
 
         estimator_bridge.make_estimator = with_stock_summaries
     if variant in ("without_describe_memo", "before"):
-        memo = estimator_bridge._describe_registered
 
-        def without_memo(params_json):
-            memo.cache_clear()
-            return memo(params_json)
+        class Forgetful(dict):
+            def __setitem__(self, key, value):
+                pass  # every job builds its layout again
 
-        estimator_bridge._describe_registered = without_memo
+        estimator_bridge._REGISTERED_LAYOUTS = Forgetful()
     model_dir = tempfile.mkdtemp(prefix=f"startup_{model}_", dir=args.work_dir)
     try:
         config = estimator_bridge.Config(
