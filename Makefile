@@ -6,6 +6,10 @@ PYTHON ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The second environment: Keras 3 (TensorFlow 2.21), for the tests that carry models across.
+VENV3 := .venv-keras3
+STAMP3 := $(VENV3)/.installed
+EXTRAS := test,plot,onnx,beam
 # MNIST: --source_dir (SOURCE_DIR=...), else $MNIST_DIR (defaults to ../shared/datasets/mnist when
 # that folder exists), else ~/.keras/datasets/mnist.npz, else a download.
 ifneq ($(wildcard ../shared/datasets/mnist),)
@@ -26,9 +30,10 @@ PREDICT_DIR ?= predictions/$(MODEL)
 TEST_WORKERS ?= 2
 RUN = $(PY) main.py --model=$(MODEL) --data_dir=$(DATA_DIR) --model_dir=$(MODEL_DIR)
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup setup-keras3 demo test lint format clean
 
 setup: $(STAMP)
+setup-keras3: $(STAMP3)
 
 # Expanded only when the recipe runs, and the search only when .venv has no Python yet. A venv
 # made by uv has no pip: uv installs into it.
@@ -39,11 +44,21 @@ make_venv = $(if $(filter error:,$(firstword $(1))),$(error $(wordlist 2,999,$(1
 $(STAMP): setup.cfg pyproject.toml
 	$(if $(wildcard $(PY)),,$(call make_venv,$(VENV_PYTHON)))
 	if $(PY) -m pip --version >/dev/null 2>&1; then \
-		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e '.[test,plot]'; \
+		$(PY) -m pip install --quiet --upgrade pip && $(PY) -m pip install --quiet -e '.[$(EXTRAS)]'; \
 	else \
-		uv pip install --quiet --python $(PY) -e '.[test,plot]'; \
+		uv pip install --quiet --python $(PY) -e '.[$(EXTRAS)]'; \
 	fi
 	touch $(STAMP)
+
+# Keras 3 beside, never inside, .venv: TensorFlow 2.15 pins keras<2.16. Same Python as .venv.
+$(STAMP3): tools/keras3-requirements.txt $(STAMP)
+	$(if $(wildcard $(VENV3)/bin/python),,"$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(VENV3))
+	if $(VENV3)/bin/python -m pip --version >/dev/null 2>&1; then \
+		$(VENV3)/bin/python -m pip install --quiet -r tools/keras3-requirements.txt; \
+	else \
+		uv pip install --quiet --python $(VENV3)/bin/python -r tools/keras3-requirements.txt; \
+	fi
+	touch $(STAMP3)
 
 # The main job: prepare MNIST, train one epoch, evaluate on test, export, predict with plots.
 demo: $(STAMP)
@@ -53,7 +68,7 @@ demo: $(STAMP)
 	$(RUN) --mode=export --export_dir=$(EXPORT_DIR) --keras_output=$(EXPORT_DIR)/$(MODEL).keras
 	$(RUN) --mode=predict --output_dir=$(PREDICT_DIR) --plot
 
-test: $(STAMP)
+test: $(STAMP) $(STAMP3)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
@@ -67,4 +82,4 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf $(VENV) data models exports predictions *.egg-info
+	rm -rf $(VENV) $(VENV3) data models exports predictions *.egg-info

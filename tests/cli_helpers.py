@@ -138,3 +138,36 @@ def estimator_probabilities(config, images):
     estimator = estimator_bridge.make_estimator(config)
     input_fn = lambda: tf.data.Dataset.from_tensor_slices({"image": images}).batch(len(images))  # noqa: E731
     return np.stack([row["probabilities"] for row in estimator.predict(input_fn)])
+
+
+KERAS3_PYTHON = os.path.join(REPO, ".venv-keras3", "bin", "python")
+
+
+def run_keras3(script, *args, timeout=240, cwd=None):
+    """Runs ``script`` (``sys.argv[1:] = args``) under Keras 3 (TensorFlow 2.21, ``.venv-keras3``).
+
+    Nothing of this project is on that interpreter's path: it is what a Keras 3 user has.
+    ``make test`` builds the environment (``make setup-keras3``); without it the test fails
+    and says so, it never skips.
+
+    Returns:
+        The finished ``subprocess.CompletedProcess`` (not checked: refusals are tested too).
+    """
+    import pytest
+
+    if not os.path.exists(KERAS3_PYTHON):
+        pytest.fail(f"{KERAS3_PYTHON} is missing: run `make setup-keras3` (make test does)")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+    }
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", KERAS_BACKEND="tensorflow")
+    return subprocess.run(
+        [KERAS3_PYTHON, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd or os.path.dirname(KERAS3_PYTHON),
+    )
