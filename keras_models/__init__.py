@@ -1,4 +1,4 @@
-"""The project's four MNIST networks as plain tf.keras (Keras 2) models, and the model resolver.
+"""The project's four MNIST networks as plain Keras models, and the model resolver.
 
 Use the networks without any Estimator::
 
@@ -11,24 +11,31 @@ Or any other classifier: ``resolve_model("my_pkg.nets:build_net", {"width": 64})
 model each call (see :mod:`keras_models.resolve`).
 
 Importing this package imports TensorFlow and ``tf_keras`` but never ``tensorflow_estimator``.
+Where only Keras 3 is installed (TensorFlow 2.16+, no ``tf_keras``), the package gives the four
+networks as Keras 3 models (``build_model``, ``get_builder``, ``MODELS``); the resolver, which
+feeds the Estimator, needs Keras 2 and is left out there.
 """
 
-from typing import Callable, Tuple
+from types import MappingProxyType
+from typing import Callable, Mapping, Tuple
 
-import tf_keras as keras
+from keras_models.backend import KERAS3, keras
+from keras_models.networks import NETWORKS, build_birnn, build_cnn, build_cnn_rnn, build_rnn
 
-from keras_models.networks import build_birnn, build_cnn, build_cnn_rnn, build_rnn
-from keras_models.resolve import (
-    LOGITS,
-    SOFTMAX,
-    ModelError,
-    ResolvedModel,
-    check_classifier,
-    model_label,
-    parse_model_params,
-    resolve_model,
-)
-from keras_models.resolve import REGISTRY as MODELS
+if not KERAS3:
+    from keras_models.resolve import (
+        LOGITS,
+        SOFTMAX,
+        ModelError,
+        ResolvedModel,
+        check_classifier,
+        model_label,
+        parse_model_params,
+        resolve_model,
+    )
+    from keras_models.resolve import REGISTRY as MODELS
+else:
+    MODELS: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(dict(NETWORKS))
 
 MODEL_NAMES: Tuple[str, ...] = tuple(sorted(MODELS))
 

@@ -1,4 +1,4 @@
-"""The four MNIST networks as pure tf.keras (Keras 2) functional-model builders.
+"""The four MNIST networks as pure functional-model builders, in Keras 2 (tf_keras) or Keras 3.
 
 Every builder takes keyword-only hyper-parameters (defaults as in the tutorial, except the two
 below) and returns an uncompiled ``keras.Model`` that maps ``image`` (float32
@@ -6,7 +6,9 @@ below) and returns an uncompiled ``keras.Model`` that maps ``image`` (float32
 the cnn needs 4x4, the cnn_rnn 2 rows; the recurrent networks read each row's W x C values as
 one time step) to ``logits`` (``[batch, num_classes]``). Nothing here
 knows about the Estimator: the models train with ``compile``/``fit``, save to ``.keras``/``.h5``
-and serve like any other Keras model.
+and serve like any other Keras model. Where only Keras 3 is installed (TensorFlow 2.16+), the same
+builders make Keras 3 models with the same layer names, parameter counts and weight order
+(``keras_models.backend``); they load the weights the bridge exports.
 
 Layer names are part of the contract: checkpoints and the Estimator bridge (which exposes
 intermediate outputs by layer name) depend on them, so do not rename layers.
@@ -23,7 +25,7 @@ computes in bfloat16 while the logits, and therefore the loss and softmax, stay 
 import numbers
 from typing import Sequence, Tuple
 
-import tf_keras as keras
+from keras_models.backend import concatenate, keras
 
 NUM_CLASSES = 10
 INPUT_SHAPE = (28, 28, 1)
@@ -124,7 +126,7 @@ class GateOrthogonal(keras.initializers.Initializer):
             )
             for i in range(self.gates)
         ]
-        return keras.backend.concatenate(blocks, axis=1)
+        return concatenate(blocks, axis=1)
 
     def get_config(self):
         return {"gates": self.gates, "seed": self.seed}
@@ -392,3 +394,12 @@ def build_cnn_rnn(
     x = _gru_stack(x, gru_units, gru_initializer)
     logits = _head(x, num_classes, dense_units, dropout_rate)
     return keras.Model(image, logits, name="cnn_rnn")
+
+
+# Name -> builder; ``keras_models.resolve.REGISTRY`` is a read-only view of it.
+NETWORKS = {
+    "cnn": build_cnn,
+    "rnn": build_rnn,
+    "birnn": build_birnn,
+    "cnn_rnn": build_cnn_rnn,
+}

@@ -27,14 +27,7 @@ import tf_keras as keras
 from keras_models import networks
 
 # Read-only so that importers cannot swap a builder out from under the Estimator bridge.
-REGISTRY: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(
-    {
-        "cnn": networks.build_cnn,
-        "rnn": networks.build_rnn,
-        "birnn": networks.build_birnn,
-        "cnn_rnn": networks.build_cnn_rnn,
-    }
-)
+REGISTRY: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(dict(networks.NETWORKS))
 MODEL_FILE_SUFFIXES = (".keras", ".h5", ".hdf5")
 # Output activations the bridge understands: logits as they are, softmax probabilities.
 LOGITS, SOFTMAX = "logits", "softmax"

@@ -143,12 +143,12 @@ def estimator_probabilities(config, images):
 KERAS3_PYTHON = os.path.join(REPO, ".venv-keras3", "bin", "python")
 
 
-def run_keras3(script, *args, timeout=240, cwd=None):
+def run_keras3(script, *args, timeout=240, cwd=None, pythonpath=()):
     """Runs ``script`` (``sys.argv[1:] = args``) under Keras 3 (TensorFlow 2.21, ``.venv-keras3``).
 
-    Nothing of this project is on that interpreter's path: it is what a Keras 3 user has.
-    ``make test`` builds the environment (``make setup-keras3``); without it the test fails
-    and says so, it never skips.
+    Nothing of this project is on that interpreter's path unless ``pythonpath`` names it: by
+    default it is what a Keras 3 user has. ``make test`` builds the environment (``make
+    setup-keras3``); without it the test fails and says so, it never skips.
 
     Returns:
         The finished ``subprocess.CompletedProcess`` (not checked: refusals are tested too).
@@ -160,9 +160,11 @@ def run_keras3(script, *args, timeout=240, cwd=None):
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
+        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "TF_USE_LEGACY_KERAS")
     }
     env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", KERAS_BACKEND="tensorflow")
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
     return subprocess.run(
         [KERAS3_PYTHON, "-c", script, *map(str, args)],
         capture_output=True,
