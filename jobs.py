@@ -443,9 +443,8 @@ def export(config: bridge.Config) -> Dict[str, Any]:
                 data_pipeline.diskfull.remove(os.path.join(config.export_dir, name))
         versions = sorted(n for n in before if n.isdigit())
         kept = [f"{p} is complete" for p in (result["saved_model"], result["keras"]) if p]
-        kept += [f"the earlier export {versions[-1]} in {config.export_dir} is untouched"] * bool(
-            versions
-        )
+        if versions:
+            kept.append(f"the earlier export {versions[-1]} in {config.export_dir} is untouched")
         raise full.with_kept(", ".join(kept) or "nothing was exported") from full.__cause__
     return result
 

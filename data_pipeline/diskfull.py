@@ -37,8 +37,10 @@ _TEXTS = (
 _TF_PATH = re.compile(r"(/[^\s;'\"]+)\s*[;:]\s*(?:No space left on device|Disk quota exceeded)")
 _H5_PATH = re.compile(r"filename = '([^']+)'")
 # Temporary names mapped back to what was being written: the Saver's ``PREFIX_temp/part-...``
-# and ``.tempstate<N>``, this project's ``.tmp-<pid>-NAME`` and ``NAME.tmp[.ext]``.
+# and ``.tempstate<N>``, the Estimator's export folder ``temp-<second>/...`` (its parent is
+# named), this project's ``.tmp-<pid>-NAME`` and ``NAME.tmp[.ext]``.
 _TEMP_NAMES = (
+    (re.compile(r"/temp-\d+(?:/.*)?$"), ""),
     (re.compile(r"_temp(?:_[0-9a-f]+)?/part-.*$|\.tempstate\d+$"), ""),
     (re.compile(r"(^|/)\.tmp-\d+-([^/]+)$"), r"\1\2"),
     (re.compile(r"\.tmp(?:\.\w+)?$"), ""),

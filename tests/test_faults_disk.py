@@ -210,18 +210,22 @@ def _case_export(root, data_dir, model_dir):
         return outputs["probabilities"].numpy()
 
     expected = serves(earlier)
-    for leave, what, needle in [
-        (saved_model // 2, "the SavedModel", f"the earlier export {os.path.basename(earlier)}"),
-        (saved_model + 2 * PAGE + keras_size // 2, "the .keras file", "is complete"),
+    earlier_kept = f"the earlier export {os.path.basename(earlier)} in {export_dir} is untouched"
+    for leave, path, needle in [
+        (saved_model // 2, f"{export_dir}:", earlier_kept),  # the SavedModel does not fit
+        (saved_model + 2 * PAGE + keras_size // 2, keras_file, "is complete"),  # the .keras file
     ]:
         filler = _fill(export_dir, leave)
         run = run_cli(*command)
-        _assert_disk_full(run, export_dir, needle)
-        assert _temporary(export_dir) == [], what
+        _assert_disk_full(run, path, needle)
+        assert _temporary(export_dir) == [], path
         np.testing.assert_allclose(serves(earlier), expected, rtol=1e-6)
         keras.models.load_model(keras_file)  # the earlier .keras file is whole
         os.remove(filler)
-    assert "is complete" in run.stderr and "saved_model" not in run.stderr.split("is complete")[1]
+    # The SavedModel the second failed run wrote before the .keras file is whole and serves.
+    versions = sorted(name for name in os.listdir(export_dir) if name.isdigit())
+    assert len(versions) == 2 and f"{export_dir / versions[-1]} is complete" in run.stderr
+    np.testing.assert_allclose(serves(str(export_dir / versions[-1])), expected, rtol=1e-5)
 
     rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
