@@ -136,13 +136,19 @@ _CHECKPOINT_FILE = re.compile(r"^model\.ckpt-(\d+)(?:\.|_temp)")
 
 
 def _remove_partial_checkpoints(model_dir: str, latest: Optional[str]) -> None:
-    """Removes save leftovers newer than ``latest``: temp folders, tempstate and orphan files."""
+    """Removes save leftovers newer than ``latest``: temp folders, tempstate and orphan files.
+
+    Also an unfinished best-export folder of ``train_and_evaluate``.
+    """
     last_step = int(latest.rsplit("-", 1)[1]) if latest else -1
     for name in os.listdir(model_dir):
         match = _CHECKPOINT_FILE.match(name)
         partial = ".tempstate" in name or name.startswith("checkpoint.tmp")
         if partial or (match and int(match.group(1)) > last_step):
             data_pipeline.diskfull.remove(os.path.join(model_dir, name))
+    # train_and_evaluate's exporter leaves its unfinished temp-<second>/ folder too.
+    for folder in tf.io.gfile.glob(os.path.join(model_dir, "export", "*", "temp-*")):
+        data_pipeline.diskfull.remove(folder)
 
 
 def evaluate(config: bridge.Config) -> Dict[str, Any]:

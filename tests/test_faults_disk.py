@@ -337,3 +337,68 @@ def test_full_disk(job, full_disk_cases):
     failure = full_disk_cases[job]
     if failure is not None:
         pytest.fail(f"{job} on a full disk:\n{failure}", pytrace=False)
+
+
+def _raised(function):
+    try:
+        function()
+    except Exception as error:
+        return error
+    raise AssertionError("nothing raised")
+
+
+def _write_tfrecord(path):
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(path) as writer:
+        writer.write(b"x" * 100_000)
+
+
+def _write_text(path):
+    with open(path, "w") as handle:  # the error comes at close, without a file name
+        handle.write("x")
+
+
+def test_each_writers_full_disk_error_is_recognised():
+    """Real ENOSPC errors (``/dev/full``) and the other writers' forms; other errors are not."""
+    import errno
+
+    import tensorflow as tf
+
+    from data_pipeline import DiskFullError, disk_full_error
+
+    if not os.path.exists("/dev/full"):
+        pytest.fail("/dev/full is missing: it gives ENOSPC on every write (Linux)")
+    h5py_text = (
+        "Unable to synchronously write data (file write failed: time = Sat Dec  6 04:00:00 2026, "
+        "filename = '/m/cnn.h5', file descriptor = 5, errno = 28, error message = 'No space "
+        "left on device', buf = 0x55, total write size = 8, bytes this sub-write = 8)"
+    )
+    # Beam re-raises a worker's error as another exception, its cause (or text) the original.
+    beam = RuntimeError("Pipeline failed in stage WriteShards")
+    beam.__cause__ = _raised(lambda: _write_tfrecord("/dev/full"))
+    cases = [
+        (_raised(lambda: _write_tfrecord("/dev/full")), "/dev/full", "no space left on device"),
+        (_raised(lambda: _write_text("/dev/full")), "/fallback", "no space left on device"),
+        (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/q/f.csv.tmp"), "/q/f.csv", "quota"),
+        (OSError(h5py_text), "/m/cnn.h5", "no space left on device"),
+        (beam, "/dev/full", "no space left on device"),
+        (
+            tf.errors.UnknownError(
+                None,
+                None,
+                "/m/model.ckpt-20_temp/part-00000-of-00001.data-"
+                "00000-of-00001.tempstate123; No space left on device",
+            ),
+            "/m/model.ckpt-20",
+            "no space left on device",
+        ),
+    ]
+    for error, path, reason in cases:
+        full = disk_full_error(error, "/fallback")
+        assert isinstance(full, DiskFullError), error
+        assert (full.path, full.exit_code) == (path, EXIT_DISK_FULL) and reason in full.reason
+        assert "\n" not in str(full) and "rerun the same command" in str(full)
+    out_of_memory = tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    for error in (out_of_memory, OSError(errno.EACCES, "Permission denied"), ValueError("x")):
+        assert disk_full_error(error) is None
