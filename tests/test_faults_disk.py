@@ -7,7 +7,7 @@ mount is invisible outside and dies with the process), runs ``main.py``'s ``main
 is still complete and loadable and that nothing half-written is left; then it makes room (a
 larger remount, or the filler file removed) and reruns the same command, which finishes the job.
 
-All cases run in ONE namespaced process (one interpreter start, about 30 s); each test below
+All cases run in ONE namespaced process (one interpreter start); each test below
 reports its own case.
 """
 
