@@ -8,14 +8,16 @@ into a clean stop, and the prediction plots, live here too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
+import re
 import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -77,12 +79,13 @@ def _train(
     )
     stopper = StopOnSignalHook()
     try:
-        with data_pipeline.translate_errors(config.data_dir):
-            estimator.train(
-                bridge.make_input_fn(config, "train", True),
-                max_steps=target,
-                hooks=[hook, stopper, *hooks],
-            )
+        with _checkpoints_kept_on_full_disk(config.model_dir):
+            with data_pipeline.translate_errors(config.data_dir):
+                estimator.train(
+                    bridge.make_input_fn(config, "train", True),
+                    max_steps=target,
+                    hooks=[hook, stopper, *hooks],
+                )
     except tf.compat.v1.train.NanLossDuringTrainingError:
         raise bridge.TrainingError(
             f"the loss became NaN near step {hook.step}; the last good checkpoint "
@@ -107,6 +110,47 @@ def _train(
     }
 
 
+@contextlib.contextmanager
+def _checkpoints_kept_on_full_disk(model_dir: str) -> Iterator[None]:
+    """A full disk while training: the partial checkpoint goes, the last good one is named.
+
+    The Saver writes ``model.ckpt-N_temp/`` (then ``.tempstate`` files) and updates the
+    ``checkpoint`` state file only after a whole save, so a failed save never becomes the
+    latest; its leftovers are removed so they neither hold space nor look like a checkpoint.
+    """
+    try:
+        with data_pipeline.translate_disk_full(model_dir):
+            yield
+    except data_pipeline.DiskFullError as full:
+        latest = tf.train.latest_checkpoint(model_dir)
+        _remove_partial_checkpoints(model_dir, latest)
+        kept = (
+            f"the last good checkpoint {latest} is kept and the rerun resumes from it"
+            if latest
+            else "no checkpoint was saved; the rerun starts over"
+        )
+        raise full.with_kept(kept) from full.__cause__
+
+
+_CHECKPOINT_FILE = re.compile(r"^model\.ckpt-(\d+)(?:\.|_temp)")
+
+
+def _remove_partial_checkpoints(model_dir: str, latest: Optional[str]) -> None:
+    """Removes save leftovers newer than ``latest``: temp folders, tempstate and orphan files.
+
+    Also an unfinished best-export folder of ``train_and_evaluate``.
+    """
+    last_step = int(latest.rsplit("-", 1)[1]) if latest else -1
+    for name in os.listdir(model_dir):
+        match = _CHECKPOINT_FILE.match(name)
+        partial = ".tempstate" in name or name.startswith("checkpoint.tmp")
+        if partial or (match and int(match.group(1)) > last_step):
+            data_pipeline.diskfull.remove(os.path.join(model_dir, name))
+    # train_and_evaluate's exporter leaves its unfinished temp-<second>/ folder too.
+    for folder in tf.io.gfile.glob(os.path.join(model_dir, "export", "*", "temp-*")):
+        data_pipeline.diskfull.remove(folder)
+
+
 def evaluate(config: bridge.Config) -> Dict[str, Any]:
     """Evaluates a checkpoint on ``eval_split`` and writes its confusion matrices as CSV.
 
@@ -123,11 +167,21 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
     splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
     results = {}
     for split in splits:
-        with data_pipeline.translate_errors(config.data_dir):
-            metrics = estimator.evaluate(
-                bridge.make_input_fn(config, split, False), checkpoint_path=checkpoint, name=split
+        try:
+            with data_pipeline.translate_disk_full(config.model_dir):
+                with data_pipeline.translate_errors(config.data_dir):
+                    metrics = estimator.evaluate(
+                        bridge.make_input_fn(config, split, False),
+                        checkpoint_path=checkpoint,
+                        name=split,
+                    )
+                results[split] = _summarise_eval(config, split, checkpoint, metrics)
+        except data_pipeline.DiskFullError as full:
+            done = [results[s]["confusion_matrix"] for s in results]
+            kept = f"the checkpoint {checkpoint} is untouched" + "".join(
+                f", {path} is complete" for path in done
             )
-        results[split] = _summarise_eval(config, split, checkpoint, metrics)
+            raise full.with_kept(kept) from full.__cause__
     if len(splits) == 1:
         return results[splits[0]]
     step = results["test"]["global_step"]
@@ -139,7 +193,8 @@ def _summarise_eval(config: bridge.Config, split: str, checkpoint: str, metrics)
     matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     path = os.path.join(config.model_dir, f"eval_{split}", f"confusion_matrix-{step}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savetxt(path, matrix, fmt="%d", delimiter=",")
+    with data_pipeline.atomic_output(path) as tmp:
+        np.savetxt(tmp, matrix, fmt="%d", delimiter=",")
     return {
         "split": split,
         "accuracy": round(float(metrics["accuracy"]), 6),
@@ -197,7 +252,10 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
         start_delay_secs=0,
         throttle_secs=config.eval_throttle_secs,
     )
-    with data_pipeline.translate_errors(config.data_dir):
+    with (
+        _checkpoints_kept_on_full_disk(config.model_dir),
+        data_pipeline.translate_errors(config.data_dir),
+    ):
         # None on a TF_CONFIG cluster: with a strategy the distribute coordinator returns
         # nothing, and so do ps/evaluator tasks; the evaluator's metrics are in
         # model_dir/eval_<split>.
@@ -241,11 +299,36 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     files = spec.record_files(split)  # None unless prepared from an image folder
     os.makedirs(config.output_dir, exist_ok=True)
     csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
+    try:
+        with data_pipeline.translate_disk_full(csv_path):
+            count, correct, samples = _write_predictions(
+                config, estimator, input_fn, keys, checkpoint, csv_path, labels, names, files
+            )
+    except data_pipeline.DiskFullError as full:
+        raise full.with_kept(f"no new {os.path.basename(csv_path)} was written") from full.__cause__
+    try:
+        with data_pipeline.translate_disk_full(config.output_dir):
+            plots = _plot_predictions(config, samples, labels, names) if config.plot else []
+    except data_pipeline.DiskFullError as full:
+        raise full.with_kept(f"{csv_path} is complete") from full.__cause__
+    return {
+        "csv": csv_path,
+        "examples": count,
+        "accuracy": round(correct / max(count, 1), 6),
+        "checkpoint": checkpoint,
+        "plots": plots,
+    }
+
+
+def _write_predictions(
+    config, estimator, input_fn, keys, checkpoint, csv_path, labels, names, files
+):
+    """Writes the predictions CSV; returns ``(count, correct, samples)`` (samples to plot)."""
     samples: List[Dict[str, np.ndarray]] = []
     correct = count = 0
-    # Written under a temporary name: an interrupted run leaves no complete-looking CSV.
+    # Written under a temporary name: an interrupted or failed run leaves no complete-looking CSV.
     errors = data_pipeline.translate_errors(config.data_dir)
-    with errors, open(csv_path + ".tmp", "w", newline="") as handle:
+    with data_pipeline.atomic_output(csv_path) as tmp, errors, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         columns = ["index", "label", "class", "probability", "label_name", "class_name"]
         writer.writerow(columns + (["file"] if files is not None else []))
@@ -259,15 +342,7 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
             count += 1
             if len(samples) < _PLOTTED_DIGITS:
                 samples.append(prediction)
-    os.replace(csv_path + ".tmp", csv_path)
-    plots = _plot_predictions(config, samples, labels, names) if config.plot else []
-    return {
-        "csv": csv_path,
-        "examples": count,
-        "accuracy": round(correct / max(count, 1), 6),
-        "checkpoint": checkpoint,
-        "plots": plots,
-    }
+    return count, correct, samples
 
 
 _PLOTTED_DIGITS = 16
@@ -310,8 +385,7 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
     model_name = keras_models.model_label(config.model)
     fig.suptitle(f"{model_name}: predicted class (probability); red: wrong, ≠ true label")
     paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _save_figure(fig, paths[-1])
 
     maps = np.asarray(samples[0]["conv1"]) if samples and "conv1" in samples[0] else None
     if maps is not None and maps.ndim in (2, 3):
@@ -331,9 +405,19 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
                     ax.set_title(str(channel), fontsize=7)
         fig.suptitle(f"{model_name}: conv1 feature maps of the first {split} image")
         paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        _save_figure(fig, paths[-1])
     return paths
+
+
+def _save_figure(fig, path: str) -> None:
+    """Saves a PNG under a temporary name renamed when whole (a full disk leaves none)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with data_pipeline.atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _short(name: str, width: int = 10) -> str:
@@ -352,17 +436,36 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
+    before = set(os.listdir(config.export_dir))
+    result = {"saved_model": None, "checkpoint": checkpoint, "keras": None}
+    try:
+        with data_pipeline.translate_disk_full(config.export_dir):
+            _export(config, spec, estimator, checkpoint, result)
+    except data_pipeline.DiskFullError as full:
+        # The Estimator leaves its unfinished temp-<second>/ behind; every file the job writes
+        # itself goes through atomic_output, which removes its temporary name.
+        for name in set(os.listdir(config.export_dir)) - before:
+            if name.startswith("temp-"):
+                data_pipeline.diskfull.remove(os.path.join(config.export_dir, name))
+        versions = sorted(n for n in before if n.isdigit())
+        kept = [f"{p} is complete" for p in (result["saved_model"], result["keras"]) if p]
+        if versions:
+            kept.append(f"the earlier export {versions[-1]} in {config.export_dir} is untouched")
+        raise full.with_kept(", ".join(kept) or "nothing was exported") from full.__cause__
+    return result
+
+
+def _export(config: bridge.Config, spec, estimator, checkpoint: str, result: Dict[str, Any]):
+    """Writes each export file in turn, recording each in ``result`` once it is complete."""
     _wait_for_a_free_timestamp(config.export_dir)
     path = estimator.export_saved_model(
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
-    path = path.decode() if isinstance(path, bytes) else path
-    result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
+    result["saved_model"] = path.decode() if isinstance(path, bytes) else path
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output)
         result["keras"] = config.keras_output
-    return result
 
 
 def _wait_for_a_free_timestamp(export_dir: str) -> None:
@@ -380,9 +483,9 @@ def _wait_for_a_free_timestamp(export_dir: str) -> None:
 def _atomic_keras_save(model: keras.Model, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    tmp = f"{path}.tmp{suffix}"
-    model.save(tmp)
-    os.replace(tmp, path)
+    # Keras picks the format from the extension: the temporary name keeps it.
+    with data_pipeline.atomic_output(path, f"{path}.tmp{suffix}") as tmp:
+        model.save(tmp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -95,9 +95,13 @@ def main(argv):
     import keras_models
 
     try:
-        result = run()
+        # A full disk that a job did not translate itself still becomes one line.
+        with data_pipeline.diskfull.quiet_background_writers():
+            with data_pipeline.translate_disk_full():
+                result = run()
     except (
         data_pipeline.DataError,
+        data_pipeline.DiskFullError,
         estimator_bridge.UsageError,
         estimator_bridge.TrainingError,
         keras_models.ModelError,

@@ -12,9 +12,18 @@ Public API:
     load_source / Source / read_idx: A source read into memory (MNIST and other small data).
     check_shards / translate_errors: Verifying shards and naming the bad file on read errors.
     DataError: The single error type for bad data; ``str()`` is one line with the fix.
+    DiskFullError / translate_disk_full / disk_full_error / atomic_output: a full disk or quota
+        met by any writer (TensorFlow, h5py, Python, Beam) as one error, and files written
+        under temporary names a failure removes; for every job, not only ``prepare``.
 """
 
 from data_pipeline.checks import check_shards, to_data_error, translate_errors
+from data_pipeline.diskfull import (
+    DiskFullError,
+    atomic_output,
+    disk_full_error,
+    translate_disk_full,
+)
 from data_pipeline.errors import DataError
 from data_pipeline.reader import make_dataset, make_input_fn, parse_serialized
 from data_pipeline.sources import DataSource, Source, load_source, open_source, read_idx
@@ -24,6 +33,10 @@ from data_pipeline.writer import prepare
 __all__ = [
     "DataError",
     "DataSource",
+    "DiskFullError",
+    "atomic_output",
+    "disk_full_error",
+    "translate_disk_full",
     "DatasetSpec",
     "FeatureSpec",
     "Source",

@@ -12,6 +12,7 @@ the source, so a resumed run writes exactly what an uninterrupted one would have
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import tensorflow as tf
 import tqdm
 
+from data_pipeline.diskfull import disk_full_error
 from data_pipeline.errors import DataError
 from data_pipeline.sources import CHUNK_BYTES, DataSource, PathLike, open_source
 from data_pipeline.spec import (
@@ -170,17 +172,19 @@ class _Progress:
         self.fingerprint = fingerprint
         self.done: Dict[str, int] = {}
         if resume:
-            self.done = self._read(data_dir)
+            self.done = self.journalled(data_dir, fingerprint)
         lines = [fingerprint] + [f"{name} {size}" for name, size in self.done.items()]
         _atomic_write_text(self.path, "".join(line + "\n" for line in lines))
         self._journal = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
-    def _read(self, data_dir: Path) -> Dict[str, int]:
+    @staticmethod
+    def journalled(data_dir: Path, fingerprint: Optional[str] = None) -> Dict[str, int]:
+        """The journalled shards that still have their size (under ``fingerprint``, if given)."""
         try:
-            lines = self.path.read_text(encoding="utf-8").split("\n")
+            lines = (data_dir / PROGRESS_NAME).read_text(encoding="utf-8").split("\n")
         except (OSError, ValueError):
             return {}
-        if lines[0] != self.fingerprint:
+        if fingerprint is not None and lines[0] != fingerprint:
             return {}
         done = {}
         for line in lines[1:-1]:  # The last one is empty or torn.
@@ -317,7 +321,19 @@ def prepare(
             progress,
             chunk_bytes,
         )
-    except OSError as e:
+    except Exception as e:
+        # A full disk (whichever writer met it: TFRecord, journal, spec): remove this run's
+        # temporary files, which hold space and are useless to the rerun; keep the journal.
+        full = disk_full_error(e, data_dir)
+        if full is None and not isinstance(e, OSError):
+            raise
+        if full is not None:
+            _clean_tmp(data_dir)
+            kept = len(_Progress.journalled(data_dir))
+            raise full.with_kept(
+                f"no {SPEC_NAME} was written; the {kept} shards completed are kept and the rerun "
+                "writes only the rest"
+            ) from e
         raise DataError(
             f"cannot write ({e.strerror or e})",
             path=e.filename or data_dir,
@@ -359,7 +375,9 @@ def _write_run(
         path = data_dir / shard.name
         tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{shard.name}")
         need = shard.count
-        with tf.io.TFRecordWriter(str(tmp), options) as writer:
+        # A failed write (a full disk: TFRecordWriter raises ResourceExhaustedError, at a write
+        # or at close) leaves no temporary shard behind.
+        with _removed_on_error(tmp), tf.io.TFRecordWriter(str(tmp), options) as writer:
             while need:
                 if labels is None or offset == len(labels):
                     images, labels = next(chunks)
@@ -373,6 +391,15 @@ def _write_run(
                 need -= take
                 on_records(take)
         finish(tmp, path, shard.name)
+
+
+@contextlib.contextmanager
+def _removed_on_error(path: Path):
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _write_all(
