@@ -130,6 +130,7 @@ class _ReadEncode(beam.DoFn):
     def setup(self):
         import tfenv  # noqa: F401 - before TensorFlow, in this worker process
 
+        # isort: split
         import tensorflow  # noqa: F401 - imported once per worker, not per bundle
 
         self._encoder = ExampleEncoder(image_features(self._image_shape))
@@ -166,6 +167,8 @@ class _WriteShard(beam.DoFn):
 
     def setup(self):
         import tfenv  # noqa: F401 - before TensorFlow, in this worker process
+
+        # isort: split
         import tensorflow as tf
 
         self._tf = tf

@@ -85,9 +85,7 @@ def test_mnist_idx_beam_equals_local(mnist_beam, mnist_data_dir):
 @pytest.fixture(scope="module")
 def digits_local(digits_folder, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("digits_local")
-    data_pipeline.prepare(
-        data_dir, digits_folder, records_per_shard=DIGITS_SHARD, progress=False
-    )
+    data_pipeline.prepare(data_dir, digits_folder, records_per_shard=DIGITS_SHARD, progress=False)
     return data_dir
 
 
