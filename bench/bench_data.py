@@ -71,10 +71,10 @@ def parse_args(argv=None):
     parser.add_argument("--image_shape", type=benchlib.int_list, default=[128, 128, 3])
     parser.add_argument(
         "--engine_images",
-        type=int,
-        default=0,
-        help="engine comparison: prepare a generated folder of this many images with each "
-        "--engines entry (0: skip)",
+        type=benchlib.int_list,
+        default=[],
+        help="engine comparison: generated folders of these many images (two sizes separate "
+        "fixed costs from the per-image rate), prepared with each --engines entry",
     )
     parser.add_argument(
         "--engines",
@@ -369,46 +369,94 @@ def engine_args(engine):
 
 
 def engines_part(args, work_dir, results):
-    """Each engine prepares the same folder, in alternating rounds, in a fresh process."""
-    count = args.engine_images
-    source_dir = image_folder(work_dir, count, count, args.image_shape)
+    """Each engine prepares the same folders, in alternating rounds, in a fresh process.
+
+    With two folder sizes, the difference between them gives each engine's rate without its
+    fixed costs (process start, TensorFlow imported by every Beam worker, Beam's set-up and
+    tear-down): the figure that scales to millions of images.
+    """
+    counts = sorted(args.engine_images)
+    largest = counts[-1]
     engines = args.engines.split(",")
-    runs = {engine: [] for engine in engines}
+    runs = {(engine, count): [] for engine in engines for count in counts}
     for round_ in range(args.engine_rounds):
         order = engines if round_ % 2 == 0 else engines[::-1]
-        for engine in order:
-            data_dir = os.path.join(work_dir, f"prepared-{engine}")
-            command = [
-                sys.executable,
-                os.path.join(REPO, "main.py"),
-                "--mode=prepare",
-                f"--source_dir={source_dir}",
-                f"--data_dir={data_dir}",
-                "--overwrite",
-                *engine_args(engine),
-            ]
-            seconds, peak_mib = run_tree_peak_rss(command)
-            shutil.rmtree(data_dir, ignore_errors=True)
-            runs[engine].append({"seconds": seconds, "peak_mib": peak_mib})
-            benchlib.log(f"round {round_ + 1}, {engine}: {seconds:.1f} s, peak {peak_mib:.0f} MiB")
+        for count in counts:
+            source_dir = image_folder(work_dir, count, largest, args.image_shape)
+            for engine in order:
+                data_dir = os.path.join(work_dir, f"prepared-{engine}")
+                command = [
+                    sys.executable,
+                    os.path.join(REPO, "main.py"),
+                    "--mode=prepare",
+                    f"--source_dir={source_dir}",
+                    f"--data_dir={data_dir}",
+                    "--overwrite",
+                    *engine_args(engine),
+                ]
+                seconds, peak_mib = run_tree_peak_rss(command)
+                shutil.rmtree(data_dir, ignore_errors=True)
+                runs[engine, count].append({"seconds": seconds, "peak_mib": peak_mib})
+                benchlib.log(
+                    f"round {round_ + 1}, {count} images, {engine}: {seconds:.1f} s, "
+                    f"peak {peak_mib:.0f} MiB"
+                )
     rows, summary = [], {}
     for engine in engines:
-        best = min(run["seconds"] for run in runs[engine])
-        peak = max(run["peak_mib"] for run in runs[engine])
-        summary[engine] = {"best_s": best, "images_per_sec": count / best, "peak_mib": peak}
-        times = ", ".join(f"{run['seconds']:.1f}" for run in runs[engine])
-        rows.append([engine, times, f"{count / best:,.0f}", f"{peak:,.0f}"])
-    results["engines"] = {"images": count, "runs": runs, "summary": summary}
+        best = {count: min(run["seconds"] for run in runs[engine, count]) for count in counts}
+        peak = {count: max(run["peak_mib"] for run in runs[engine, count]) for count in counts}
+        marginal = None
+        if len(counts) > 1 and best[largest] > best[counts[0]]:
+            marginal = (largest - counts[0]) / (best[largest] - best[counts[0]])
+        summary[engine] = {
+            "best_s": best,
+            "images_per_sec": {count: count / best[count] for count in counts},
+            "peak_mib": peak,
+            "marginal_images_per_sec": marginal,
+        }
+        for count in counts:
+            times = ", ".join(f"{run['seconds']:.1f}" for run in runs[engine, count])
+            extra = f"{marginal:,.0f}" if marginal and count == largest else ""
+            rows.append(
+                [
+                    engine,
+                    f"{count:,}",
+                    times,
+                    f"{count / best[count]:,.0f}",
+                    extra,
+                    f"{peak[count]:,.0f}",
+                ]
+            )
+    results["engines"] = {
+        "runs": {f"{engine}/{count}": r for (engine, count), r in runs.items()},
+        "summary": summary,
+    }
     tag = "x".join(map(str, args.image_shape))
-    print(f"engines on {count:,} {tag} PNGs (fresh process each, alternating rounds):")
+    print(f"engines on {tag} PNGs (fresh process each, alternating rounds):")
     benchlib.print_table(
-        ["engine", "seconds per round", "images/s (best)", "peak RSS MiB (process tree)"], rows
+        [
+            "engine",
+            "images",
+            "seconds per round",
+            "images/s (best)",
+            "images/s without fixed costs",
+            "peak RSS MiB (process tree)",
+        ],
+        rows,
     )
-    rate = {engine: summary[engine]["images_per_sec"] for engine in engines}
-    if "beam1" in rate and "beam2" in rate:
-        print(f"beam2 / beam1: {rate['beam2'] / rate['beam1']:.2f}x (goal >= 1.6x)")
-    if "beam2" in rate and "local" in rate:
-        print(f"beam2 / local: {rate['beam2'] / rate['local']:.2f}x (goal >= 0.8x)")
+    for key, label in (("images_per_sec", "whole runs"), ("marginal_images_per_sec", "")):
+        if key == "marginal_images_per_sec" and len(counts) == 1:
+            continue
+
+        def rate(engine, key=key):
+            value = summary[engine][key]
+            return value[largest] if isinstance(value, dict) else value
+
+        label = label or f"without fixed costs ({counts[0]:,} -> {largest:,} images)"
+        if "beam1" in engines and "beam2" in engines and rate("beam1") and rate("beam2"):
+            print(f"{label}: beam2 / beam1 {rate('beam2') / rate('beam1'):.2f}x (goal >= 1.6x)")
+        if "local" in engines and "beam2" in engines and rate("local") and rate("beam2"):
+            print(f"{label}: beam2 / local {rate('beam2') / rate('local'):.2f}x (goal >= 0.8x)")
 
 
 def main(argv=None):

@@ -131,8 +131,17 @@ class _ReadEncode(beam.DoFn):
         import tfenv  # noqa: F401 - before TensorFlow, in this worker process
 
         # isort: split
-        import tensorflow  # noqa: F401 - imported once per worker, not per bundle
+        import tensorflow as tf  # Imported once per worker, not per bundle.
 
+        # One core per worker: the workers are the parallelism (one per core here; Dataflow and
+        # Flink's process environments also run one Python worker per core). Without this,
+        # each worker's tf.data decoding would spread over every core and the workers contend.
+        # Only possible before the worker's first TensorFlow op; later calls raise.
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # TensorFlow already ran in this process (e.g. Beam's in-process runner).
         self._encoder = ExampleEncoder(image_features(self._image_shape))
 
     def process(self, item):

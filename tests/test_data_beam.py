@@ -216,3 +216,14 @@ def test_corrupt_image_fails_in_a_worker_with_one_line(digits, tmp_path):
     assert not (data_dir / data_pipeline.spec.SPEC_NAME).exists()
     # Beam's and the workers' own output is kept for whoever wants the details.
     assert (data_dir / beam_writer.WORK_DIR / beam_writer.LOG_NAME).stat().st_size > 0
+
+
+def test_beam_options_without_the_beam_engine_is_refused(mnist_small_npz, tmp_path):
+    run = run_cli(
+        "--mode=prepare",
+        f"--source_dir={mnist_small_npz}",
+        f"--data_dir={tmp_path / 'data'}",
+        TWO_WORKERS,
+    )
+    assert_cli_error(run, "--beam_options", "--prepare_engine=beam")
+    assert not (tmp_path / "data").exists()
