@@ -416,7 +416,10 @@ def engines_part(args, work_dir, results):
         }
         for count in counts:
             times = ", ".join(f"{run['seconds']:.1f}" for run in runs[engine, count])
-            extra = f"{marginal:,.0f}" if marginal and count == largest else ""
+            extra = ""
+            if count == largest and len(counts) > 1:
+                # None: the larger folder was not slower (noise swamped the per-image time).
+                extra = f"{marginal:,.0f}" if marginal else "n/a (noise)"
             rows.append(
                 [
                     engine,
