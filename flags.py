@@ -57,6 +57,19 @@ def define_flags() -> None:
     )
     f.DEFINE_bool("gzip", False, "prepare: GZIP-compress the shards.")
     f.DEFINE_bool("overwrite", False, "prepare: rewrite complete output instead of reusing it.")
+    f.DEFINE_enum(
+        "prepare_engine",
+        "local",
+        ["local", "beam"],
+        "prepare: local (this process, streaming) or beam (an Apache Beam pipeline: one worker "
+        "per core here, or any Beam runner through --beam_options).",
+    )
+    f.DEFINE_string(
+        "beam_options",
+        None,
+        "prepare, --prepare_engine=beam: Beam pipeline options, passed through, e.g. "
+        "'--direct_num_workers=2' or '--runner=FlinkRunner --flink_master=HOST:8081'.",
+    )
     # Training.
     f.DEFINE_string(
         "model_dir",

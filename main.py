@@ -78,6 +78,8 @@ def run() -> dict:
             overwrite=FLAGS.overwrite,
             image_size=tuple(map(int, FLAGS.image_size)) if FLAGS.image_size else None,
             channels=int(FLAGS.channels) if FLAGS.channels else None,
+            engine=FLAGS.prepare_engine,
+            beam_options=FLAGS.beam_options,
         )
         return {"data_dir": FLAGS.data_dir, **{s: spec.num_records(s) for s in spec.splits}}
     import jobs

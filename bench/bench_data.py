@@ -12,6 +12,10 @@ bytes, then the reader's shuffled examples/s on the result. Time should grow lin
 image count and memory stay flat. The largest folder is generated once and kept under
 ``--work_dir`` (about 8.4 kB per 128x128x3 PNG); smaller ones are hard links to its first files.
 
+Engine part (``--engine_images=N``): the same generated folder prepared by the local engine and
+by the Beam engine with 1 and 2 local worker processes, in alternating rounds; images/s and the
+peak resident memory of the whole process tree (Beam's workers are processes of their own).
+
 Run from the repository root (under the CPU lock: timings are meaningless otherwise):
     flock /tmp/cpu.lock .venv/bin/python bench/bench_data.py --source_dir=$MNIST_DIR
 Quick check:
@@ -65,6 +69,19 @@ def parse_args(argv=None):
         help="image-folder sizes to prepare (empty: skip the image-folder part)",
     )
     parser.add_argument("--image_shape", type=benchlib.int_list, default=[128, 128, 3])
+    parser.add_argument(
+        "--engine_images",
+        type=benchlib.int_list,
+        default=[],
+        help="engine comparison: generated folders of these many images (two sizes separate "
+        "fixed costs from the per-image rate), prepared with each --engines entry",
+    )
+    parser.add_argument(
+        "--engines",
+        default="local,beam1,beam2",
+        help="local, and beamN for the Beam engine with N local worker processes",
+    )
+    parser.add_argument("--engine_rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--json_out", default=None, help="also write the results as JSON here")
     return parser.parse_args(argv)
 
@@ -290,6 +307,161 @@ def images_part(args, work_dir, results):
     )
 
 
+def _descendants(pid):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
+
+
+def _rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def run_tree_peak_rss(args):
+    """Runs a command; returns seconds and the peak of its whole process tree's resident memory.
+
+    Beam's local workers are separate processes, so the driver's own VmHWM would miss them: the
+    sum of VmRSS over the process and all its descendants is sampled every 100 ms.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        list(args),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": REPO},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    peak_kib = 0
+    while proc.poll() is None:
+        peak_kib = max(peak_kib, sum(_rss_kib(pid) for pid in _descendants(proc.pid)))
+        time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace")
+    if proc.returncode != 0:
+        sys.exit(f"bench_data.py: {' '.join(args)} failed: {stderr.strip()[-2000:]}")
+    return seconds, peak_kib / 1024
+
+
+def engine_args(engine):
+    """main.py flags for ``local`` or ``beamN`` (the Beam engine with N local workers)."""
+    if engine == "local":
+        return []
+    workers = int(engine[len("beam") :])
+    return ["--prepare_engine=beam", f"--beam_options=--direct_num_workers={workers}"]
+
+
+def engines_part(args, work_dir, results):
+    """Each engine prepares the same folders, in alternating rounds, in a fresh process.
+
+    With two folder sizes, the difference between them gives each engine's rate without its
+    fixed costs (process start, TensorFlow imported by every Beam worker, Beam's set-up and
+    tear-down): the figure that scales to millions of images.
+    """
+    counts = sorted(args.engine_images)
+    largest = counts[-1]
+    engines = args.engines.split(",")
+    runs = {(engine, count): [] for engine in engines for count in counts}
+    for round_ in range(args.engine_rounds):
+        order = engines if round_ % 2 == 0 else engines[::-1]
+        for count in counts:
+            source_dir = image_folder(work_dir, count, largest, args.image_shape)
+            for engine in order:
+                data_dir = os.path.join(work_dir, f"prepared-{engine}")
+                command = [
+                    sys.executable,
+                    os.path.join(REPO, "main.py"),
+                    "--mode=prepare",
+                    f"--source_dir={source_dir}",
+                    f"--data_dir={data_dir}",
+                    "--overwrite",
+                    *engine_args(engine),
+                ]
+                seconds, peak_mib = run_tree_peak_rss(command)
+                shutil.rmtree(data_dir, ignore_errors=True)
+                runs[engine, count].append({"seconds": seconds, "peak_mib": peak_mib})
+                benchlib.log(
+                    f"round {round_ + 1}, {count} images, {engine}: {seconds:.1f} s, "
+                    f"peak {peak_mib:.0f} MiB"
+                )
+    rows, summary = [], {}
+    for engine in engines:
+        best = {count: min(run["seconds"] for run in runs[engine, count]) for count in counts}
+        peak = {count: max(run["peak_mib"] for run in runs[engine, count]) for count in counts}
+        marginal = None
+        if len(counts) > 1 and best[largest] > best[counts[0]]:
+            marginal = (largest - counts[0]) / (best[largest] - best[counts[0]])
+        summary[engine] = {
+            "best_s": best,
+            "images_per_sec": {count: count / best[count] for count in counts},
+            "peak_mib": peak,
+            "marginal_images_per_sec": marginal,
+        }
+        for count in counts:
+            times = ", ".join(f"{run['seconds']:.1f}" for run in runs[engine, count])
+            extra = ""
+            if count == largest and len(counts) > 1:
+                # None: the larger folder was not slower (noise swamped the per-image time).
+                extra = f"{marginal:,.0f}" if marginal else "n/a (noise)"
+            rows.append(
+                [
+                    engine,
+                    f"{count:,}",
+                    times,
+                    f"{count / best[count]:,.0f}",
+                    extra,
+                    f"{peak[count]:,.0f}",
+                ]
+            )
+    results["engines"] = {
+        "runs": {f"{engine}/{count}": r for (engine, count), r in runs.items()},
+        "summary": summary,
+    }
+    tag = "x".join(map(str, args.image_shape))
+    print(f"engines on {tag} PNGs (fresh process each, alternating rounds):")
+    benchlib.print_table(
+        [
+            "engine",
+            "images",
+            "seconds per round",
+            "images/s (best)",
+            "images/s without fixed costs",
+            "peak RSS MiB (process tree)",
+        ],
+        rows,
+    )
+    for key, label in (("images_per_sec", "whole runs"), ("marginal_images_per_sec", "")):
+        if key == "marginal_images_per_sec" and len(counts) == 1:
+            continue
+
+        def rate(engine, key=key):
+            value = summary[engine][key]
+            return value[largest] if isinstance(value, dict) else value
+
+        label = label or f"without fixed costs ({counts[0]:,} -> {largest:,} images)"
+        if "beam1" in engines and "beam2" in engines and rate("beam1") and rate("beam2"):
+            print(f"{label}: beam2 / beam1 {rate('beam2') / rate('beam1'):.2f}x (goal >= 1.6x)")
+        if "local" in engines and "beam2" in engines and rate("local") and rate("beam2"):
+            print(f"{label}: beam2 / local {rate('beam2') / rate('local'):.2f}x (goal >= 0.8x)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = benchlib.command_line(
@@ -306,6 +478,9 @@ def main(argv=None):
             "skip_mnist",
             "image_counts",
             "image_shape",
+            "engine_images",
+            "engines",
+            "engine_rounds",
             "json_out",
         ],
     )
@@ -318,6 +493,8 @@ def main(argv=None):
         mnist_part(args, args.work_dir, results)
     if args.image_counts:
         images_part(args, args.work_dir, results)
+    if args.engine_images:
+        engines_part(args, args.work_dir, results)
     benchlib.write_json(args.json_out, {"command": command, "results": results})
     print(f"reproduce: {command}")
 

@@ -11,6 +11,7 @@ anything that big is allocated.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
@@ -172,6 +173,17 @@ class ImageFolderSource(DataSource):
 
     def record_files(self, split: str) -> Sequence[str]:
         return self._files[split]
+
+    def subset(self, split: str, start: int, stop: int) -> ImageFolderSource:
+        """A copy whose ``split`` holds only records ``[start, stop)`` (as records 0..).
+
+        Small to pickle whatever the folder's size: the Beam engine ships one per work item
+        rather than the whole file list to every worker.
+        """
+        part = copy.copy(self)
+        part._files = {split: self._files[split][start:stop]}
+        part._labels = {split: self._labels[split][start:stop]}
+        return part
 
     def chunks(self, split, start=0, stop=None, max_bytes=CHUNK_BYTES):
         files, labels = self._files[split], self._labels[split]

@@ -16,7 +16,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -45,6 +47,7 @@ _FIX_OVERWRITE = "pass --overwrite to replace it, or choose another --data_dir"
 DEFAULT_RECORDS_PER_SHARD = 1000
 DEFAULT_SHARD_MB = 200
 PROGRESS_NAME = ".prepare-progress.json"
+ENGINES = ("local", "beam")
 _MB = 10**6
 
 
@@ -77,10 +80,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _clean_tmp(data_dir: Path) -> None:
+def _clean_tmp(data_dir: Path, keep_dirs: bool = False) -> None:
+    """Deletes temporary files (and folders, such as the Beam engine's journal, unless kept)."""
     for entry in data_dir.iterdir():
-        if entry.name.startswith(TMP_PREFIX) and entry.is_file():
+        if not entry.name.startswith(TMP_PREFIX):
+            continue
+        if entry.is_file():
             entry.unlink()
+        elif entry.is_dir() and not keep_dirs:
+            shutil.rmtree(entry)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -158,6 +166,16 @@ def _fingerprint(source: DataSource, records_per_shard: int, compression: Option
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
+def beam_fingerprint(fingerprint: str) -> str:
+    """The fingerprint of the Beam engine's shards for the local engine's ``fingerprint``.
+
+    Same records, other shard contents (hash-bucketed instead of in source order): a separate
+    digest, so neither engine's resume journal ever mistakes the other's shards for its own,
+    while a complete folder made by either engine is reused by both.
+    """
+    return hashlib.sha256(f"beam hash-bucketed shards v1 {fingerprint}".encode()).hexdigest()
+
+
 class _Progress:
     """The shards an interrupted prepare completed, journalled in ``PROGRESS_NAME`` beside them.
 
@@ -224,7 +242,7 @@ def _reusable(
     except DataError:
         return None  # Our own output, damaged: rewrite it.
     # Specs written before fingerprints existed are compared setting by setting.
-    if spec.fingerprint == fingerprint:
+    if spec.fingerprint in (fingerprint, beam_fingerprint(fingerprint)):
         return spec
     settings = (spec.source_checksum, spec.records_per_shard, spec.compression)
     wanted = (source.checksum, records_per_shard, compression)
@@ -246,6 +264,26 @@ def _reusable(
     return spec
 
 
+def _import_beam_writer():
+    """Imports the Beam engine (and apache_beam: optional for the rest of the project)."""
+    root = logging.getLogger()
+    # apache_beam's import logs a warning about Google Cloud clients it may not need.
+    hide = logging.Filter("\0")  # Matches no logger name: drops every root record meanwhile.
+    root.addFilter(hide)
+    try:
+        from data_pipeline import beam_writer
+    except ImportError as e:
+        if not (e.name or "").startswith("apache_beam"):
+            raise
+        raise DataError(
+            f"--prepare_engine=beam needs Apache Beam ({e})",
+            fix="pip install -e '.[beam]' (apache-beam[tfrecord]==2.78.0, pinned in setup.cfg)",
+        ) from e
+    finally:
+        root.removeFilter(hide)
+    return beam_writer
+
+
 def prepare(
     data_dir: PathLike,
     source_dir: Optional[PathLike] = None,
@@ -260,6 +298,8 @@ def prepare(
     image_size: Optional[Tuple[int, int]] = None,
     channels: Optional[int] = None,
     chunk_bytes: int = CHUNK_BYTES,
+    engine: str = "local",
+    beam_options: Optional[str] = None,
 ) -> DatasetSpec:
     """Writes a source as sharded TFRecord files and ``dataset_spec.json`` (the prepare job).
 
@@ -285,6 +325,10 @@ def prepare(
         image_size: Image folders: resize every image to (height, width).
         channels: Image folders: 1 or 3 channels (default: the first train image's).
         chunk_bytes: Decoded images held at once (per chunk).
+        engine: ``"local"`` (this process, streaming) or ``"beam"`` (an Apache Beam pipeline,
+            see :mod:`data_pipeline.beam_writer`: the same records, hash-bucketed into shards).
+        beam_options: Beam engine: Beam's own pipeline options as one string, e.g.
+            ``"--direct_num_workers=2"`` or ``"--runner=FlinkRunner --flink_master=host:8081"``.
 
     Returns:
         The spec of the (new or reused) dataset.
@@ -295,11 +339,22 @@ def prepare(
         ValueError: Bad ``records_per_shard``, ``shard_mb`` or ``compression``.
     """
     compression = normalize_compression(compression)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if beam_options and engine != "beam":
+        raise DataError(
+            "--beam_options applies only to --prepare_engine=beam", fix="drop it or add the engine"
+        )
     if source is None:
         source = open_source(
             source_dir, allow_download=allow_download, image_size=image_size, channels=channels
         )
     records_per_shard = records_per_shard_for(source.image_shape, records_per_shard, shard_mb)
+    if engine == "beam":
+        beam_writer = _import_beam_writer()
+        return beam_writer.prepare_beam(
+            data_dir, source, records_per_shard, compression, overwrite, beam_options, chunk_bytes
+        )
     fingerprint = _fingerprint(source, records_per_shard, compression)
     data_dir = Path(data_dir)
     try:

@@ -1,0 +1,453 @@
+"""``prepare`` on Apache Beam: the same records as the local engine, from a laptop to a cluster.
+
+The pipeline: list the source's records in work items (ranges of records; for image folders
+the files themselves) -> read, decode and encode in the workers (the sources' own ``chunks`` and
+the local engine's :class:`~data_pipeline.spec.ExampleEncoder`) -> key each record by a salted
+MD5 of its ``(split, index)`` -> bucket by hash range into the split's shards -> group by shard
+-> sort each shard by hash and write it under a temporary name, then rename. As in TensorFlow
+Datasets' ``BeamWriter``, the shards' bytes depend only on the source and the settings, not on
+the runner, the worker count or the bundle boundaries, so two runs give byte-identical shards.
+Each shard holds about ``records_per_shard`` records (hash buckets are not exactly equal).
+
+Atomicity and resuming: every written shard is renamed into place, then journalled as a small
+JSON file in ``.tmp-beam-work/`` (its record count, size and, for image folders, its records'
+files). The driver writes the manifests and ``dataset_spec.json`` last, after the pipeline
+succeeded, so a failed or killed run leaves no spec. A rerun with the same source and settings
+keeps the journalled shards and writes only the others (it still reads and decodes the whole
+source: records are bucketed after decoding).
+
+Runner: without ``--runner`` in ``beam_options``, Beam's Python ``FnApiRunner`` runs the
+pipeline here with one worker process per core (``direct_running_mode=multi_processing``,
+``direct_num_workers``); it is named explicitly because ``DirectRunner`` first tries the Go
+Prism runner, downloaded from GitHub. With ``--runner=...`` (Flink, Spark, Dataflow) Beam's
+options are passed through unchanged.
+
+Errors: the source is opened (and IDX/npz files checked) in the driver before anything is
+written; a file that fails in a worker (an image that does not decode, or of another size)
+stops the pipeline, and its :class:`DataError` is carried back through Beam's error text and
+raised again here as the same one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from data_pipeline.errors import DataError
+from data_pipeline.sources import DataSource
+from data_pipeline.spec import (
+    SPEC_NAME,
+    TMP_PREFIX,
+    DatasetSpec,
+    ExampleEncoder,
+    ShardSpec,
+    SplitSpec,
+    image_features,
+    load_spec,
+)
+from data_pipeline.writer import (
+    _FIX_OVERWRITE,
+    PROGRESS_NAME,
+    _atomic_write_text,
+    _clean_tmp,
+    _fingerprint,
+    _fsync_dir,
+    _remove_unlisted_shards,
+    _reusable,
+    _write_spec,
+    beam_fingerprint,
+    shard_name,
+)
+
+WORK_DIR = f"{TMP_PREFIX}beam-work"
+LOG_NAME = "beam-log.txt"  # In WORK_DIR: Beam's and the workers' logs, kept after a failure.
+_FINGERPRINT_FILE = "FINGERPRINT"
+# Changing the salt changes every Beam-prepared dataset's shard contents.
+_SALT = b"data_pipeline.beam_writer v1\0"
+# A worker's DataError crosses Beam (as text in the runner's error) between these markers.
+_ERROR_START, _ERROR_END = "<<data_pipeline.DataError ", " data_pipeline.DataError>>"
+_ERROR_TEXT = re.compile(re.escape(_ERROR_START) + r"(\{.*?\})" + re.escape(_ERROR_END))
+# Work items per worker for sources read by seeking into one file (IDX, npz): few, because
+# each item reads (gzip: decompresses) its file up to its first record.
+_ITEMS_PER_WORKER = 4
+# Image files per work item, at most (fewer if a chunk of decoded images would exceed
+# ``chunk_bytes``): enough items to keep every worker busy until the end.
+_FILES_PER_ITEM = 256
+
+
+def record_key(split: str, index: int) -> bytes:
+    """The 16-byte key a record is bucketed and sorted by (salted MD5, as TFDS hashes keys)."""
+    return hashlib.md5(_SALT + f"{split}\0{index}".encode()).digest()
+
+
+def bucket(key: bytes, num_shards: int) -> int:
+    """The shard of ``key``: by hash range (not modulo), as TFDS' ``get_bucket_number``."""
+    return int.from_bytes(key, "big") * num_shards >> 128
+
+
+def _error_text(error: DataError) -> str:
+    payload = {"problem": error.problem, "path": error.path, "fix": error.fix}
+    return _ERROR_START + json.dumps(payload) + _ERROR_END
+
+
+def _error_from_text(text: str) -> Optional[DataError]:
+    match = _ERROR_TEXT.search(text)
+    if match is None:
+        return None
+    payload = json.loads(match.group(1))
+    return DataError(payload["problem"], path=payload["path"], fix=payload["fix"])
+
+
+class _ReadEncode(beam.DoFn):
+    """Reads one work item's records, encodes them and keys each by (split, shard).
+
+    Holds only plain Python state when pickled; TensorFlow (which image folders decode with)
+    is imported in ``setup``, in the worker.
+    """
+
+    def __init__(self, source, image_shape, num_shards, done, chunk_bytes):
+        self._source = source  # None for image folders: each work item brings its own files.
+        self._image_shape = tuple(image_shape)
+        self._num_shards = dict(num_shards)
+        self._done = frozenset(done)
+        self._chunk_bytes = chunk_bytes
+        self._encoder = None
+
+    def setup(self):
+        import tfenv  # noqa: F401 - before TensorFlow, in this worker process
+
+        # isort: split
+        import tensorflow as tf  # Imported once per worker, not per bundle.
+
+        # One core per worker: the workers are the parallelism (one per core here; Dataflow and
+        # Flink's process environments also run one Python worker per core). Without this,
+        # each worker's tf.data decoding would spread over every core and the workers contend.
+        # Only possible before the worker's first TensorFlow op; later calls raise.
+        try:
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # TensorFlow already ran in this process (e.g. Beam's in-process runner).
+        self._encoder = ExampleEncoder(image_features(self._image_shape))
+
+    def process(self, item):
+        split, start, stop, part = item
+        source, first = (part, 0) if part is not None else (self._source, start)
+        files = part.record_files(split) if part is not None else None
+        index = start
+        try:
+            chunks = source.chunks(split, first, first + stop - start, self._chunk_bytes)
+            for images, labels in chunks:
+                for i, record in enumerate(self._encoder.encode_many(images, labels)):
+                    key = record_key(split, index + i)
+                    shard = bucket(key, self._num_shards[split])
+                    if (split, shard) not in self._done:
+                        file = files[index + i - start] if files is not None else None
+                        yield (split, shard), (key, record, file)
+                index += len(labels)
+        except DataError as e:
+            # Beam reports a worker's failure as text; the driver finds this line in it.
+            raise RuntimeError(_error_text(e)) from None
+
+
+class _WriteShard(beam.DoFn):
+    """Sorts one shard's records by key and writes it: temporary name, rename, journal."""
+
+    def __init__(self, data_dir, names, compression, work_dir):
+        self._data_dir = data_dir
+        self._names = dict(names)
+        self._compression = compression or ""
+        self._work_dir = work_dir
+        self._tf = None
+
+    def setup(self):
+        import tfenv  # noqa: F401 - before TensorFlow, in this worker process
+
+        # isort: split
+        import tensorflow as tf
+
+        self._tf = tf
+
+    def process(self, element):
+        (split, shard), values = element
+        values = sorted(values, key=lambda value: value[0])
+        name = self._names[split, shard]
+        path = os.path.join(self._data_dir, name)
+        # Unique per attempt: a runner may retry a shard, or run it twice, at the same time.
+        tmp = os.path.join(self._data_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+        options = self._tf.io.TFRecordOptions(compression_type=self._compression)
+        with self._tf.io.TFRecordWriter(tmp, options) as writer:
+            for _, record, _ in values:
+                writer.write(record)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        files = [file for _, _, file in values] if values[0][2] is not None else None
+        entry = {"num_records": len(values), "num_bytes": os.stat(path).st_size, "files": files}
+        _atomic_write_text(Path(self._work_dir) / f"{name}.json", json.dumps(entry))
+        yield name
+
+
+def _options(beam_options: Optional[str]) -> Tuple[PipelineOptions, object]:
+    """Beam's options from the user's string, and the runner to name (None: Beam's choice)."""
+    try:
+        args = shlex.split(beam_options or "")
+    except ValueError as e:
+        raise DataError(f"--beam_options cannot be split into options ({e})") from e
+    options = PipelineOptions(args)
+    if options.view_as(StandardOptions).runner:
+        return options, None  # --runner=FlinkRunner, SparkRunner, DataflowRunner, ...
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    direct = options.view_as(DirectOptions)
+    if "--direct_running_mode" not in " ".join(args):
+        direct.direct_running_mode = "multi_processing"
+    if direct.direct_num_workers in (None, 0):
+        direct.direct_num_workers = os.cpu_count() or 1
+    return options, FnApiRunner()
+
+
+def _work_items(source: DataSource, workers: int, chunk_bytes: int) -> Iterator[tuple]:
+    """(split, start, stop, part): ranges of records; ``part`` is an image folder's own slice."""
+    subset = getattr(source, "subset", None)
+    for split in source.split_names:
+        n = source.num_records(split)
+        if subset is not None:
+            step = min(_FILES_PER_ITEM, source.chunk_records(chunk_bytes))
+        else:
+            step = max(1, -(-n // (workers * _ITEMS_PER_WORKER)))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            yield split, start, stop, subset(split, start, stop) if subset else None
+
+
+def _read_journal(data_dir: Path, work_dir: Path, fingerprint: str, resume: bool) -> Dict:
+    """The shards a killed run with the same fingerprint completed (name -> journal entry)."""
+    stamp = work_dir / _FINGERPRINT_FILE
+    try:
+        same = resume and stamp.read_text(encoding="utf-8") == fingerprint
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir()
+        _atomic_write_text(stamp, fingerprint)
+        return {}
+    done = {}
+    for entry in work_dir.glob("*.json"):
+        try:
+            record = json.loads(entry.read_text(encoding="utf-8"))
+            size = os.stat(data_dir / entry.name[: -len(".json")]).st_size
+        except (OSError, ValueError):
+            continue
+        if size == record.get("num_bytes"):
+            done[entry.name[: -len(".json")]] = record
+    return done
+
+
+def prepare_beam(
+    data_dir,
+    source: DataSource,
+    records_per_shard: int,
+    compression: Optional[str],
+    overwrite: bool,
+    beam_options: Optional[str],
+    chunk_bytes: int,
+) -> DatasetSpec:
+    """Writes ``source`` into ``data_dir`` with a Beam pipeline (see the module docstring).
+
+    Called by :func:`data_pipeline.prepare` with ``engine="beam"``, which has opened the source
+    and settled the shard size.
+
+    Returns:
+        The spec of the new (or reused) dataset.
+
+    Raises:
+        DataError: A bad source file (named), ``data_dir`` holds other data, or a write failed.
+    """
+    local_fingerprint = _fingerprint(source, records_per_shard, compression)
+    fingerprint = beam_fingerprint(local_fingerprint)
+    data_dir = Path(data_dir)
+    options, runner = _options(beam_options)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not overwrite:
+            spec = _reusable(data_dir, source, records_per_shard, compression, local_fingerprint)
+            if spec is not None:
+                shutil.rmtree(data_dir / WORK_DIR, ignore_errors=True)
+                return spec
+        # From here on the folder must not look complete until the new spec is in place.
+        (data_dir / SPEC_NAME).unlink(missing_ok=True)
+        (data_dir / PROGRESS_NAME).unlink(missing_ok=True)  # The local engine's journal.
+        _clean_tmp(data_dir, keep_dirs=True)
+        work_dir = data_dir / WORK_DIR
+        done = _read_journal(data_dir, work_dir, fingerprint, resume=not overwrite)
+        num_shards = {
+            split: max(1, math.ceil(source.num_records(split) / records_per_shard))
+            for split in source.split_names
+        }
+        names = {
+            (split, i): shard_name(split, i, count, compression)
+            for split, count in num_shards.items()
+            for i in range(count)
+        }
+        _run(
+            source,
+            options,
+            runner,
+            _ReadEncode(
+                None if hasattr(source, "subset") else source,
+                source.image_shape,
+                num_shards,
+                [key for key, name in names.items() if name in done],
+                chunk_bytes,
+            ),
+            _WriteShard(os.fspath(data_dir), names, compression, os.fspath(work_dir)),
+            chunk_bytes,
+            work_dir / LOG_NAME,
+        )
+        spec = _finish(data_dir, work_dir, source, names, records_per_shard, compression)
+        spec = dataclasses.replace(spec, fingerprint=fingerprint)
+        _remove_unlisted_shards(data_dir, spec)
+        _fsync_dir(data_dir)
+        _write_spec(data_dir, spec)
+        shutil.rmtree(work_dir)
+    except OSError as e:
+        raise DataError(
+            f"cannot write ({e.strerror or e})",
+            path=e.filename or data_dir,
+            fix="check the --data_dir path, its permissions and free space",
+        ) from e
+    return load_spec(data_dir)
+
+
+def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_path) -> None:
+    """Builds and runs the pipeline; a worker's DataError comes back as itself.
+
+    Beam's own logs and everything local worker processes print (they inherit this process'
+    stderr, and log every start-up step at INFO before they read any option) go to
+    ``log_path``, kept on failure: prepare stays quiet and its errors one line.
+    """
+    direct = options.view_as(DirectOptions)
+    workers = direct.direct_num_workers or os.cpu_count() or 1
+    items = list(_work_items(source, workers, chunk_bytes))
+    # Worker processes import this package by name: they need the repository on their path.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, old_path]))
+    beam_logger = logging.getLogger("apache_beam")
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_state = beam_logger.level, beam_logger.propagate
+    beam_logger.addHandler(handler)
+    beam_logger.setLevel(logging.INFO)
+    beam_logger.propagate = False
+    sys.stderr.flush()
+    saved_stderr = os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    try:
+        pipeline = beam.Pipeline(runner=runner, options=options)
+        _ = (
+            pipeline
+            | "ListRecords" >> beam.Create(items)
+            | "ReadDecodeEncode" >> beam.ParDo(read_encode)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "SortAndWriteShard" >> beam.ParDo(write_shard)
+        )
+        pipeline.run().wait_until_finish()
+    except DataError:
+        raise
+    except Exception as e:  # Beam wraps a worker's failure in runner-specific exceptions.
+        text = _chain_text(e)
+        error = _error_from_text(text)
+        if error is not None:
+            raise error from None
+        beam_logger.exception("the pipeline failed")
+        raise DataError(
+            f"the Beam pipeline failed ({type(e).__name__}: {text.strip()[:300]})",
+            path=log_path,
+            fix="see this log (Beam's and the workers' output); a rerun resumes",
+        ) from e
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+        beam_logger.removeHandler(handler)
+        handler.close()
+        beam_logger.setLevel(old_state[0])
+        beam_logger.propagate = old_state[1]
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+
+
+def _chain_text(error: BaseException) -> str:
+    texts = []
+    while error is not None and len(texts) < 20:
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(texts)
+
+
+def _finish(data_dir, work_dir, source, names, records_per_shard, compression) -> DatasetSpec:
+    """Checks the journal covers every record, writes empty buckets and manifests; the spec."""
+    shards: Dict[str, List[ShardSpec]] = {split: [] for split in source.split_names}
+    files: Dict[str, List[str]] = {split: [] for split in source.split_names}
+    for (split, _), name in sorted(names.items()):
+        entry = work_dir / f"{name}.json"
+        if entry.exists():
+            record = json.loads(entry.read_text(encoding="utf-8"))
+        else:
+            # No record hashed into this bucket (tiny splits only): an empty shard, as the
+            # local engine writes for an empty split.
+            (data_dir / name).write_bytes(b"")
+            record = {"num_records": 0, "num_bytes": 0, "files": []}
+        shards[split].append(ShardSpec(name, record["num_records"], record["num_bytes"]))
+        files[split] += record["files"] or []
+    manifests = {}
+    for split in source.split_names:
+        total = sum(s.num_records for s in shards[split])
+        if total != source.num_records(split):
+            raise DataError(
+                f"the pipeline wrote {total} {split} records, the source has "
+                f"{source.num_records(split)}",
+                path=data_dir,
+                fix=f"re-run with --overwrite; {_FIX_OVERWRITE}",
+            )
+        if source.record_files(split) is not None:
+            manifests[split] = f"{split}-files.txt"
+            text = "".join(f + "\n" for f in files[split])
+            _atomic_write_text(data_dir / manifests[split], text)
+    return DatasetSpec(
+        features=image_features(source.image_shape),
+        splits={
+            split: SplitSpec(num_records=source.num_records(split), shards=tuple(s))
+            for split, s in shards.items()
+        },
+        num_classes=source.num_classes,
+        image_shape=tuple(source.image_shape),
+        compression=compression,
+        source_checksum=source.checksum,
+        source_name=source.name,
+        records_per_shard=records_per_shard,
+        data_dir=os.fspath(data_dir),
+        class_names=tuple(source.class_names),
+        manifests=manifests,
+    )
