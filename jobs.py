@@ -25,6 +25,7 @@ import data_pipeline
 import estimator_bridge as bridge
 import keras_models
 import preflight
+from keras_models import keras3
 
 
 def train(
@@ -341,7 +342,10 @@ def _short(name: str, width: int = 10) -> str:
 
 
 def export(config: bridge.Config) -> Dict[str, Any]:
-    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a ``.keras`` file.
+    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a Keras file.
+
+    ``keras_output`` (``.keras`` or ``.h5``) is written for Keras 3 unless ``keras_format`` is
+    ``tf_keras`` (see ``keras_models.keras3``); optimizer state is not part of it.
 
     Returns:
         ``{"saved_model", "checkpoint", "keras"}``.
@@ -360,7 +364,10 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
-        _atomic_keras_save(model, config.keras_output)
+        if config.keras_format == "keras3":
+            keras3.to_keras3_model(model, config.keras_output)  # written to a temp name first
+        else:
+            _atomic_keras_save(model, config.keras_output)
         result["keras"] = config.keras_output
     return result
 

@@ -123,6 +123,19 @@ def file_format(path: str) -> ModelFile:
     )
 
 
+def is_model_file(path: str) -> bool:
+    """Whether ``path`` holds a whole model rather than weights only.
+
+    A whole model is a ``.keras`` archive or an ``.h5`` with a ``model_config``.
+    """
+    if zipfile.is_zipfile(path):
+        return True
+    if not h5py.is_hdf5(path):
+        return False
+    with h5py.File(path, "r") as h5:
+        return "model_config" in h5.attrs
+
+
 def _major(path: str, version: str, config) -> int:
     head = version.split(".", 1)[0]
     if head.isdigit():
