@@ -167,6 +167,8 @@ class Config:
     def validate(self) -> None:
         """Raises UsageError (or ``keras_models.ModelError``) for values no run can use."""
         resolve(self)
+        if self.warm_start_from:  # before anything is written: code in the file is refused
+            keras3.check_file(self.warm_start_from, self.unsafe_deserialization)
         for name in (
             "batch_size",
             "eval_batch_size",

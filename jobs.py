@@ -364,10 +364,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
-        if config.keras_format == "keras3":
-            keras3.to_keras3_model(model, config.keras_output)  # written to a temp name first
-        else:
-            _atomic_keras_save(model, config.keras_output)
+        _atomic_keras_save(model, config.keras_output, config.keras_format)
         result["keras"] = config.keras_output
     return result
 
@@ -384,11 +381,14 @@ def _wait_for_a_free_timestamp(export_dir: str) -> None:
         time.sleep(0.05)
 
 
-def _atomic_keras_save(model: keras.Model, path: str) -> None:
+def _atomic_keras_save(model: keras.Model, path: str, keras_format: str = "tf_keras") -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     suffix = os.path.splitext(path)[1]
     tmp = f"{path}.tmp{suffix}"
-    model.save(tmp)
+    if keras_format == "keras3":
+        keras3.to_keras3_model(model, tmp)
+    else:
+        model.save(tmp)
     os.replace(tmp, path)
 
 

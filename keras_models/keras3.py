@@ -92,6 +92,18 @@ def file_format(path: str) -> ModelFile:
     Raises:
         ModelError: Not a Keras model file, or one of a Keras version other than 2 or 3.
     """
+    try:
+        return _file_format(path)
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(error, ModelError):
+            raise
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ModelError(
+            f"cannot load the model file {path} ({type(error).__name__}: {text})"
+        ) from None
+
+
+def _file_format(path: str) -> ModelFile:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -99,8 +111,9 @@ def file_format(path: str) -> ModelFile:
                 config = json.loads(archive.read(CONFIG_NAME))
         except (KeyError, ValueError, zipfile.BadZipFile) as error:
             raise ModelError(
-                f"{path} is a zip but not a Keras model archive ({type(error).__name__}: "
-                f"{str(error)[:120]}); save it with model.save('name.keras')"
+                f"cannot load the model file {path}: a zip but not a Keras model archive "
+                f"({type(error).__name__}: {str(error)[:120]}); save it with "
+                "model.save('name.keras')"
             ) from None
         version = str(metadata.get("keras_version", ""))
         return ModelFile(path, "keras", version, _major(path, version, config), config)
@@ -118,9 +131,17 @@ def file_format(path: str) -> ModelFile:
         config = json.loads(text)
         return ModelFile(path, "h5", version, _major(path, version, config), config)
     raise ModelError(
-        f"{path} is neither a .keras archive nor an HDF5 model file; save the model with "
-        "model.save('name.keras')"
+        f"cannot load the model file {path}: it is neither a .keras archive nor an HDF5 model "
+        "file; save the model with model.save('name.keras')"
     )
+
+
+def check_file(path: str, unsafe_deserialization: bool = False) -> None:
+    """Reads a whole-model file's config and refuses serialised code in it (see
+    :func:`check_safe`); weights-only files (nothing to build) pass.
+    """
+    if not unsafe_deserialization and os.path.isfile(path) and is_model_file(path):
+        check_safe(file_format(path).config, path)
 
 
 def is_model_file(path: str) -> bool:
@@ -255,8 +276,10 @@ def _model_to_k3(entry: Dict, shapes, top: bool = False) -> Dict:
             ]
         for key in ("input_layers", "output_layers"):
             refs = inner.get(key)
-            if isinstance(refs, list) and len(refs) == 1 and isinstance(refs[0], list):
-                inner[key] = refs[0]  # Keras 3 mirrors the input structure: one is bare
+            if isinstance(refs, list) and refs and isinstance(refs[0], list):
+                refs = [_shift(ref, models, -1) for ref in refs]
+                # Keras 3 mirrors the input structure: a single one is a bare triple.
+                inner[key] = refs[0] if len(refs) == 1 else refs
     if "compile_config" in entry and not top:
         entry["compile_config"] = {}
     if "layers" in inner:
@@ -264,6 +287,17 @@ def _model_to_k3(entry: Dict, shapes, top: bool = False) -> Dict:
     if cls == "Sequential":
         inner.setdefault("trainable", True)
     return entry
+
+
+def _shift(ref: List, models, by: int) -> List:
+    """A ``[layer, node, tensor]`` reference, renumbered if it is a nested model's node.
+
+    tf_keras counts a nested model's own construction node (so its first call is node 1);
+    Keras 3 does not (node 0).
+    """
+    if ref and ref[0] in models and (by > 0 or ref[1] > 0):
+        return [ref[0], ref[1] + by, *ref[2:]]
+    return list(ref)
 
 
 def _node_to_k3(node, models, shapes):
@@ -385,7 +419,9 @@ def _model_to_k2(entry: Dict, top: bool = False) -> Dict:
                     f"model {inner.get('name')!r}: its {key} are a dict; tf_keras needs a list"
                 )
             if isinstance(refs, list) and len(refs) == 3 and isinstance(refs[0], str):
-                inner[key] = [refs]
+                refs = [refs]
+            if isinstance(refs, list):
+                inner[key] = [_shift(ref, models, +1) for ref in refs]
     entry.pop("compile_config", None)
     if "layers" in inner:
         inner["layers"] = [_layer_to_k2(layer) for layer in inner["layers"]]
