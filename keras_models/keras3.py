@@ -137,8 +137,9 @@ def _file_format(path: str) -> ModelFile:
 
 
 def check_file(path: str, unsafe_deserialization: bool = False) -> None:
-    """Reads a whole-model file's config and refuses serialised code in it (see
-    :func:`check_safe`); weights-only files (nothing to build) pass.
+    """Refuses a whole-model file whose config carries serialised code (:func:`check_safe`).
+
+    Weights-only files (nothing to build) pass.
     """
     if not unsafe_deserialization and os.path.isfile(path) and is_model_file(path):
         check_safe(file_format(path).config, path)
