@@ -634,14 +634,32 @@ def load_model(path: str, *, unsafe_deserialization: bool = False) -> tf_keras.M
     source = file_format(path)
     if not unsafe_deserialization:
         check_safe(source.config, path)
-    if source.major == 2:
-        return _load_tf_keras(path, path, unsafe_deserialization)
+    if source.major == 2 and source.container == "h5":
+        return _load_tf_keras(path, path, unsafe_deserialization)  # looked up in tf_keras
+    config = config_from_keras3(source.config) if source.major == 3 else source.config
     suffix = ".keras" if source.container == "keras" else ".h5"
     with tempfile.TemporaryDirectory() as folder:
         local = os.path.join(folder, "model" + suffix)
-        config = config_from_keras3(source.config)
-        _write(source, local, config, tf_keras.__version__, to_keras3=False)
+        _write(source, local, _pinned_to_tf_keras(config), tf_keras.__version__, False)
         return _load_tf_keras(local, path, unsafe_deserialization)
+
+
+def _pinned_to_tf_keras(value):
+    """A config whose ``keras.*`` modules are named ``tf_keras.*``.
+
+    tf_keras resolves ``keras.layers.Dense`` through TensorFlow's export table, which the
+    ``keras`` 2.15 package overwrites with its own classes once it has been imported (a user's
+    builder may have); a ``tf_keras.*`` module is imported directly.
+    """
+    if isinstance(value, list):
+        return [_pinned_to_tf_keras(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    copy_ = {key: _pinned_to_tf_keras(item) for key, item in value.items()}
+    module = copy_.get("module")
+    if isinstance(module, str) and (module == "keras" or module.startswith("keras.")):
+        copy_["module"] = "tf_" + module
+    return copy_
 
 
 def _load_tf_keras(local: str, shown: str, unsafe: bool) -> tf_keras.Model:

@@ -122,27 +122,28 @@ class ResolvedModel:
 
 
 def _from_keras_package(model, source: str):
-    """A ``keras``-package model rebuilt as tf_keras (config, then weights); others unchanged.
+    """Refuses a model of the ``keras`` package in one line that says what to write instead.
 
-    ``import keras`` is Keras 2.15 here, a twin of tf_keras with its own classes, which the
-    Estimator bridge cannot mix with tf_keras layers.
+    ``import keras`` is Keras 2.15 here, a twin of tf_keras with its own classes. Once it is
+    imported, TensorFlow dispatches symbolic tensors to its classes, and tf_keras can no longer
+    rebuild a model from a config in that process (``Model.from_config`` loops forever,
+    layer calls fail): a translation in the same process is not possible.
     """
     module = type(model).__module__ or ""
     if isinstance(model, keras.Model) or not module.startswith("keras."):
         return model
-    if not getattr(model, "_is_graph_network", False):
-        return model  # check_classifier says what is wrong with it
-    config = {"class_name": type(model).__name__, "config": model.get_config()}
-    cls = keras.Sequential if config["class_name"] == "Sequential" else keras.Model
-    try:
-        translated = cls.from_config(config["config"])
-        translated.set_weights(model.get_weights())
-    except Exception as error:  # noqa: BLE001 - a custom keras class tf_keras cannot rebuild
-        raise ModelError(
-            f"--model={source}: the builder returned a keras {type(model).__name__} that "
-            f"tf_keras cannot rebuild ({_first_line(error)}); build it with tf_keras instead"
-        ) from None
-    return translated
+    raise ModelError(
+        f"--model={source}: the builder returned a model of the keras package (Keras "
+        f"{_keras_package_version()} here), not of tf_keras, which the Estimator needs; write "
+        "`import tf_keras as keras` in the builder (the layer code stays the same), or save "
+        "the model (model.save('m.keras')) and pass --model=m.keras"
+    )
+
+
+def _keras_package_version() -> str:
+    import sys
+
+    return getattr(sys.modules.get("keras"), "__version__", "2")
 
 
 def _accepted(builder) -> Tuple[FrozenSet[str], bool]:

@@ -15,10 +15,17 @@ import h5py
 import numpy as np
 import pytest
 import tf_keras
-from cli_helpers import REPO, assert_cli_error, estimator_probabilities, run_cli, run_keras3
+from cli_helpers import (
+    REPO,
+    assert_cli_error,
+    estimator_probabilities,
+    run_cli,
+    run_fresh_python,
+    run_keras3,
+)
 
 import estimator_bridge as bridge
-from keras_models import ModelError, build_model, keras3, resolve_model
+from keras_models import ModelError, build_model, keras3
 
 SCRIPT = os.path.join(REPO, "tests", "keras3_script_models.py")
 K3_MODELS = ("user3", "seq3", "nested3", "gru3")
@@ -373,20 +380,32 @@ def test_keras_output_format_flag(trained, tmp_path):
     assert_cli_error(run, "a Keras 3 file is .keras (or .h5)", "--keras_format=tf_keras")
 
 
-def test_a_builder_of_the_keras_package_is_translated_not_refused():
-    import keras as keras_package  # Keras 2.15 here: a twin of tf_keras with its own classes
+def test_a_builder_of_the_keras_package_is_one_line_with_the_fix(tmp_path):
+    """In a fresh interpreter: importing the keras package breaks tf_keras's from_config."""
+    run = run_fresh_python(
+        """
+import keras, tf_keras
+from keras_models import ModelError, resolve_model
 
-    def build(num_classes=10):
-        image = keras_package.Input((28, 28, 1), name="image")
-        x = keras_package.layers.Flatten(name="flat")(image)
-        return keras_package.Model(image, keras_package.layers.Dense(num_classes, name="logits")(x))
+def build():
+    image = keras.Input((28, 28, 1), name="image")
+    return keras.Model(image, keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(image)))
 
-    model = resolve_model(build).build((28, 28, 1), 10)
-    assert isinstance(model, tf_keras.Model) and [layer.name for layer in model.layers] == [
-        "image",
-        "flat",
-        "logits",
-    ]
+try:
+    resolve_model(build).build((28, 28, 1), 10)
+except ModelError as error:
+    print(error)
+# A file the keras package saved is read like any Keras 2 file.
+build().save(__import__("sys").argv[1])
+"""
+        + "",
+        str(tmp_path / "kp.keras"),
+    )
+    (line,) = run.stdout.strip().splitlines()
+    assert "import tf_keras as keras" in line and "--model=m.keras" in line
+    assert keras3.file_format(str(tmp_path / "kp.keras")).major == 2
+    model = keras3.load_model(str(tmp_path / "kp.keras"))
+    assert isinstance(model, tf_keras.Model) and model.output_shape == (None, 10)
 
 
 def test_from_keras3_then_to_keras3_keeps_the_weights(keras3_files, tmp_path):
