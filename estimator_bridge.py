@@ -43,12 +43,15 @@ from tf_keras.src.layers.rnn import gru_lstm_utils  # see _without_cudnn_variant
 import data_pipeline
 import distribution
 import keras_models
+from keras_models import keras3
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
 EVAL = tf.estimator.ModeKeys.EVAL
 PREDICT = tf.estimator.ModeKeys.PREDICT
 
 PRECISIONS = ("float32", "mixed_bfloat16")
+# --keras_output's format: a Keras 3 file (keras_models.keras3) or tf_keras's own.
+KERAS_FORMATS = ("keras3", "tf_keras")
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 EVAL_SPLITS = ("train", "test", "both")
 # Graph collection holding the total training loss (cross-entropy plus regularisers).
@@ -106,8 +109,14 @@ class Config:
         predict_split: Split that ``predict`` reads.
         output_dir: Where ``predict`` writes its CSV and plots.
         plot: Write PNG plots of predictions and feature maps.
-        warm_start_from: Keras weights file (``.keras``/``.h5``) to initialise training from.
-        keras_output: Path of the ``.keras`` file that ``export`` also writes (``None``: skip).
+        warm_start_from: Keras weights file (``.keras``/``.h5``, Keras 2 or 3) to initialise
+            training from.
+        keras_output: Path of the ``.keras``/``.h5`` file that ``export`` also writes
+            (``None``: skip).
+        keras_format: ``keras3`` (loads in Keras 3, see ``keras_models.keras3``) or
+            ``tf_keras`` (Keras 2) for ``keras_output``.
+        unsafe_deserialization: Let model files' serialised Python (``Lambda`` code) run;
+            otherwise such files are refused before anything is built.
         save_checkpoints_steps: Checkpoint interval in steps.
         keep_checkpoint_max: Checkpoints kept on disk.
         log_every_n_steps: Progress line interval.
@@ -144,6 +153,8 @@ class Config:
     plot: bool = False
     warm_start_from: Optional[str] = None
     keras_output: Optional[str] = None
+    keras_format: str = "keras3"
+    unsafe_deserialization: bool = False
     save_checkpoints_steps: int = 500
     keep_checkpoint_max: int = 5
     log_every_n_steps: int = 100
@@ -156,6 +167,8 @@ class Config:
     def validate(self) -> None:
         """Raises UsageError (or ``keras_models.ModelError``) for values no run can use."""
         resolve(self)
+        if self.warm_start_from:  # before anything is written: code in the file is refused
+            keras3.check_file(self.warm_start_from, self.unsafe_deserialization)
         for name in (
             "batch_size",
             "eval_batch_size",
@@ -177,6 +190,7 @@ class Config:
             "lr_schedule": LR_SCHEDULES,
             "eval_split": EVAL_SPLITS,
             "predict_split": ("train", "test"),
+            "keras_format": KERAS_FORMATS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -300,7 +314,11 @@ def _model_fn(features, labels, mode, params, config=None):
 
 def _build_model(params: Mapping[str, Any]) -> keras.Model:
     """Builds the network from ``params`` under the requested dtype policy."""
-    resolved = keras_models.resolve_model(params["model"], params.get("model_params"))
+    resolved = keras_models.resolve_model(
+        params["model"],
+        params.get("model_params"),
+        unsafe_deserialization=params.get("unsafe_deserialization", False),
+    )
     input_shape = params.get("input_shape")
     with precision_policy(params.get("precision", "float32")):
         model = resolved.build(
@@ -619,7 +637,9 @@ def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
 
 def resolve(config: Config) -> keras_models.ResolvedModel:
     """``config.model`` and ``config.model_params`` resolved (``keras_models.resolve_model``)."""
-    return keras_models.resolve_model(config.model, config.model_params)
+    return keras_models.resolve_model(
+        config.model, config.model_params, unsafe_deserialization=config.unsafe_deserialization
+    )
 
 
 def class_names(spec) -> Tuple[str, ...]:
@@ -636,6 +656,7 @@ def model_params(config: Config, spec) -> Dict[str, Any]:
         "dropout_rate": config.dropout_rate,
         "input_shape": tuple(spec.image_shape),
         "num_classes": spec.num_classes,
+        "unsafe_deserialization": config.unsafe_deserialization,
     }
 
 
@@ -1008,10 +1029,15 @@ def keras_weights_to_checkpoint(
     network = network or describe_network(config, spec)
     model = _eager_model(config, spec)
     try:
-        if weights_path.endswith(".keras"):
-            model.set_weights(keras.models.load_model(weights_path, compile=False).get_weights())
-        else:
+        if keras3.is_model_file(weights_path):  # Keras 2 or 3, config checked before building
+            saved = keras3.load_model(
+                weights_path, unsafe_deserialization=config.unsafe_deserialization
+            )
+            model.set_weights(saved.get_weights())
+        else:  # weights only: no config, nothing to build
             model.load_weights(weights_path)
+    except keras_models.ModelError:
+        raise
     except (OSError, ValueError) as error:
         raise UsageError(
             f"cannot load Keras weights for {config.model!r} from {weights_path}: "

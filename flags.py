@@ -98,7 +98,17 @@ def define_flags() -> None:
     f.DEFINE_integer(
         "seed", None, "Seed everything random: reruns write bit-identical checkpoints."
     )
-    f.DEFINE_string("warm_start_from", None, "Keras weights file (.keras/.h5) to start from.")
+    f.DEFINE_string(
+        "warm_start_from",
+        None,
+        "Keras weights or model file (.keras/.h5, Keras 2 or Keras 3) to start from.",
+    )
+    f.DEFINE_bool(
+        "unsafe_deserialization",
+        False,
+        "Let --model/--warm_start_from files run the Python they carry (a Lambda's code); "
+        "without it such files are refused before anything is built. Only for files you trust.",
+    )
     f.DEFINE_integer("save_checkpoints_steps", 500, "Checkpoint every N steps.")
     f.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints kept.")
     f.DEFINE_integer("log_every_n_steps", 100, "Progress line every N steps.")
@@ -119,7 +129,15 @@ def define_flags() -> None:
     f.DEFINE_string("output_dir", None, "predict: CSV and plots (default predictions/<label>).")
     f.DEFINE_bool("plot", False, "predict: also write PNGs of sample digits and conv1 maps.")
     f.DEFINE_string("export_dir", None, "export: SavedModel parent (default exports/<label>).")
-    f.DEFINE_string("keras_output", None, "export: also save the trained network as .keras here.")
+    f.DEFINE_string(
+        "keras_output", None, "export: also save the trained network here (.keras or .h5)."
+    )
+    f.DEFINE_enum(
+        "keras_format",
+        "keras3",
+        ("keras3", "tf_keras"),
+        "export: --keras_output for Keras 3 (keras.saving.load_model in TF 2.16+) or tf_keras.",
+    )
     flags.register_validator(
         "image_size",
         lambda v: v is None or (len(v) == 2 and all(s.isdigit() and int(s) > 0 for s in v)),

@@ -27,6 +27,7 @@ import data_pipeline
 import estimator_bridge as bridge
 import keras_models
 import preflight
+from keras_models import keras3
 
 
 def train(
@@ -425,7 +426,10 @@ def _short(name: str, width: int = 10) -> str:
 
 
 def export(config: bridge.Config) -> Dict[str, Any]:
-    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a ``.keras`` file.
+    """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a Keras file.
+
+    ``keras_output`` (``.keras`` or ``.h5``) is written for Keras 3 unless ``keras_format`` is
+    ``tf_keras`` (see ``keras_models.keras3``); optimizer state is not part of it.
 
     Returns:
         ``{"saved_model", "checkpoint", "keras"}``.
@@ -464,7 +468,7 @@ def _export(config: bridge.Config, spec, estimator, checkpoint: str, result: Dic
     result["saved_model"] = path.decode() if isinstance(path, bytes) else path
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
-        _atomic_keras_save(model, config.keras_output)
+        _atomic_keras_save(model, config.keras_output, config.keras_format)
         result["keras"] = config.keras_output
 
 
@@ -480,12 +484,15 @@ def _wait_for_a_free_timestamp(export_dir: str) -> None:
         time.sleep(0.05)
 
 
-def _atomic_keras_save(model: keras.Model, path: str) -> None:
+def _atomic_keras_save(model: keras.Model, path: str, keras_format: str = "tf_keras") -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     suffix = os.path.splitext(path)[1]
     # Keras picks the format from the extension: the temporary name keeps it.
     with data_pipeline.atomic_output(path, f"{path}.tmp{suffix}") as tmp:
-        model.save(tmp)
+        if keras_format == "keras3":
+            keras3.to_keras3_model(model, tmp)
+        else:
+            model.save(tmp)
 
 
 # --------------------------------------------------------------------------------------------

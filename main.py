@@ -51,6 +51,8 @@ def build_config():
         plot=FLAGS.plot,
         warm_start_from=FLAGS.warm_start_from,
         keras_output=FLAGS.keras_output,
+        keras_format=FLAGS.keras_format,
+        unsafe_deserialization=FLAGS.unsafe_deserialization,
         save_checkpoints_steps=FLAGS.save_checkpoints_steps,
         keep_checkpoint_max=FLAGS.keep_checkpoint_max,
         log_every_n_steps=FLAGS.log_every_n_steps,

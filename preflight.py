@@ -51,6 +51,13 @@ def check_paths(config: Config, mode: str) -> None:
                     f"--keras_output={config.keras_output} is a folder; name a file such as "
                     f"{os.path.join(config.keras_output, config.model + '.keras')}"
                 )
+            if getattr(config, "keras_format", "tf_keras") == "keras3" and not (
+                config.keras_output.endswith((".keras", ".h5"))
+            ):
+                raise UsageError(
+                    f"--keras_output={config.keras_output}: a Keras 3 file is .keras (or .h5); "
+                    "name it so, or pass --keras_format=tf_keras"
+                )
             parent = os.path.dirname(config.keras_output) or "."
             check_output_dir(parent, "--keras_output", config.keras_output)
 

@@ -109,8 +109,34 @@ class ResolvedModel:
             raise ModelError(
                 f"--model={self.source}: the builder raised {_first_line(error)}"
             ) from None
+        model = _from_keras_package(model, self.source)
         check_classifier(model, self.source, input_shape, num_classes)
         return model
+
+
+def _from_keras_package(model, source: str):
+    """Refuses a model of the ``keras`` package in one line that says what to write instead.
+
+    ``import keras`` is Keras 2.15 here, a twin of tf_keras with its own classes. Once it is
+    imported, TensorFlow dispatches symbolic tensors to its classes, and tf_keras can no longer
+    rebuild a model from a config in that process (``Model.from_config`` loops forever,
+    layer calls fail): a translation in the same process is not possible.
+    """
+    module = type(model).__module__ or ""
+    if isinstance(model, keras.Model) or not module.startswith("keras."):
+        return model
+    raise ModelError(
+        f"--model={source}: the builder returned a model of the keras package (Keras "
+        f"{_keras_package_version()} here), not of tf_keras, which the Estimator needs; write "
+        "`import tf_keras as keras` in the builder (the layer code stays the same), or save "
+        "the model (model.save('m.keras')) and pass --model=m.keras"
+    )
+
+
+def _keras_package_version() -> str:
+    import sys
+
+    return getattr(sys.modules.get("keras"), "__version__", "2")
 
 
 def _accepted(builder) -> Tuple[FrozenSet[str], bool]:
@@ -158,7 +184,10 @@ def model_label(source: Union[str, Callable]) -> str:
 
 
 def resolve_model(
-    source: Union[str, Callable[..., keras.Model]], params: Optional[Mapping[str, Any]] = None
+    source: Union[str, Callable[..., keras.Model]],
+    params: Optional[Mapping[str, Any]] = None,
+    *,
+    unsafe_deserialization: bool = False,
 ) -> ResolvedModel:
     """Resolves ``--model`` (and ``--model_params``) to a buildable model.
 
@@ -168,6 +197,8 @@ def resolve_model(
             file (its architecture; its weights become the start of training), or a builder
             callable.
         params: Keyword arguments for a builder (``--model_params``).
+        unsafe_deserialization: Let a model file's serialised Python (a ``Lambda``'s code)
+            run; without it such a file is refused before anything is built.
 
     Raises:
         ModelError: The source cannot be found, imported or loaded, or ``params`` holds an
@@ -183,7 +214,7 @@ def resolve_model(
     elif not isinstance(source, str) or not source:
         raise ModelError(f"--model must be {FORMS}, got {source!r}")
     elif source.lower().endswith(MODEL_FILE_SUFFIXES):
-        resolved = _resolve_file(source, params)
+        resolved = _resolve_file(source, params, unsafe_deserialization)
     elif ":" in source:
         resolved = _resolve_function(source, params)
     elif source in REGISTRY:
@@ -226,7 +257,7 @@ def _resolve_function(source: str, params) -> ResolvedModel:
     return ResolvedModel(source, model_label(source), "builder", builder, params)
 
 
-def _resolve_file(source: str, params) -> ResolvedModel:
+def _resolve_file(source: str, params, unsafe: bool = False) -> ResolvedModel:
     if params:
         raise ModelError(
             f"--model_params does not apply to the model file {source}: its architecture is fixed"
@@ -235,7 +266,7 @@ def _resolve_file(source: str, params) -> ResolvedModel:
         raise ModelError(f"model file {source} does not exist (--model={source})")
     stat = os.stat(source)
     model_class, config, weights = _load_model_file(
-        os.path.abspath(source), stat.st_mtime_ns, stat.st_size
+        os.path.abspath(source), stat.st_mtime_ns, stat.st_size, unsafe
     )
     builder = functools.partial(_model_from_config, model_class, config)
     # A file model takes no arguments: nothing named, so nothing offered is passed.
@@ -243,21 +274,29 @@ def _resolve_file(source: str, params) -> ResolvedModel:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model_file(path: str, mtime_ns: int, size: int):
+def _load_model_file(path: str, mtime_ns: int, size: int, unsafe: bool = False):
     """Loads a model file once (per path and version): its class, config and weights."""
     del mtime_ns, size  # part of the cache key only: a rewritten file is loaded again
     if tf.executing_eagerly():
-        return _read_model_file(path)
+        return _read_model_file(path, unsafe)
     # Called while a graph is being built (first use inside a model_fn): read it in a new
     # thread, whose eager context and default graph are its own, so the file's model and
     # weights stay out of that graph.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(_read_model_file, path).result()
+        return pool.submit(_read_model_file, path, unsafe).result()
 
 
-def _read_model_file(path: str):
+def _read_model_file(path: str, unsafe: bool = False):
+    """A Keras 2 or Keras 3 file (told apart by contents) as tf_keras: class, config, weights.
+
+    ``keras3.load_model`` reads the config and refuses serialised code before building.
+    """
+    from keras_models import keras3  # imports this module (ModelError)
+
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = keras3.load_model(path, unsafe_deserialization=unsafe)
+    except ModelError:
+        raise
     except Exception as error:  # noqa: BLE001 - OSError, ValueError, missing custom objects...
         raise ModelError(f"cannot load the model file {path} ({_first_line(error)})") from None
     if not getattr(model, "_is_graph_network", False):

@@ -33,7 +33,6 @@ import tracemalloc
 import numpy as np
 import pytest
 import tensorflow as tf
-import tf_keras as keras
 from cli_helpers import REPO, assert_cli_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,6 +49,7 @@ from data_pipeline import (
     translate_errors,
 )
 from data_pipeline.spec import MNIST_FEATURES, ExampleEncoder, FeatureSpec
+from keras_models import keras3
 
 FUZZ = settings(
     max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None
@@ -886,7 +886,7 @@ def assert_no_partial_export(export_dir, keras_path):
             assert out["probabilities"].shape == (2, 10)
             _LOADED.add(entry)
     if keras_path.exists():
-        model = keras.models.load_model(str(keras_path), compile=False)
+        model = keras3.load_model(str(keras_path))  # Keras 3 (the default) or tf_keras
         assert model.output_shape == (None, 10)
     return versions
 
