@@ -24,6 +24,7 @@ import tf_keras as keras
 import data_pipeline
 import estimator_bridge as bridge
 import keras_models
+import onnx_export
 import preflight
 
 
@@ -343,8 +344,11 @@ def _short(name: str, width: int = 10) -> str:
 def export(config: bridge.Config) -> Dict[str, Any]:
     """Writes a SavedModel under ``export_dir/<timestamp>/`` and, optionally, a ``.keras`` file.
 
+    The version folder also gets ``model.onnx`` (``onnx_export``) when the ``onnx`` extra is
+    installed; when it cannot be written the SavedModel is kept and one line says why.
+
     Returns:
-        ``{"saved_model", "checkpoint", "keras"}``.
+        ``{"saved_model", "onnx", "checkpoint", "keras"}`` (``onnx``: None when skipped).
     """
     _preflight(config, "export")
     spec = data_pipeline.load_spec(config.data_dir)
@@ -357,7 +361,10 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
     path = path.decode() if isinstance(path, bytes) else path
-    result = {"saved_model": path, "checkpoint": checkpoint, "keras": None}
+    onnx_path, skipped = onnx_export.write_onnx(path, bridge.class_names(spec))
+    if skipped:
+        _info(f"note: {onnx_export.ONNX_FILE} skipped, the SavedModel is complete: {skipped}")
+    result = {"saved_model": path, "onnx": onnx_path, "checkpoint": checkpoint, "keras": None}
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output)
