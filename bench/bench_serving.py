@@ -13,8 +13,9 @@ order rotates:
   (onnxruntime on ``model.onnx`` when it can);
 * ``onnxruntime``: a bare ``onnxruntime.InferenceSession`` on the same ``model.onnx`` (default
   options), ``session.run(["probabilities", "classes"], {"image": x})``;
-* ``openvino``: OpenVINO's ``compile_model`` on the same ``model.onnx`` (CPU, default
-  settings), when ``openvino`` imports (not an extra of the project: see docs/serving.md);
+* ``openvino``: OpenVINO's ``compile_model`` on the same ``model.onnx`` (CPU, float32
+  inference precision, otherwise default settings), when ``openvino`` imports (not an extra of
+  the project: see docs/serving.md);
 * ``serving_tensorflow``: ``serving.load(path, engine="tensorflow")``: the SavedModel frozen
   into a Session, XLA for small batches when it was faster at load;
 * ``serving_session`` / ``serving_xla``: the same with XLA forced off / on;
@@ -47,9 +48,10 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import benchlib  # puts the repo root on sys.path and imports tfenv before TensorFlow
 import numpy as np
@@ -75,6 +77,9 @@ DEFAULT_PATHS = tuple(
     for path in ("serving", "onnxruntime", "openvino", "serving_tensorflow", "tf1_session")
     if path != "openvino" or importlib.util.find_spec("openvino") is not None
 )
+# Paths whose one predictor may be called from several threads at once (OpenVINO's single infer
+# request may not).
+THREAD_SAFE = ("serving", "onnxruntime", "serving_tensorflow", "tf1_session")
 MOBILENET = "mobilenet_v2"
 MODELS = (*keras_models.MODEL_NAMES, MOBILENET)
 REFERENCE = "tf1_session"  # the path whose probabilities the others are compared with
@@ -88,6 +93,7 @@ FLAG_ORDER = (
     "latency_calls",
     "throughput_batch",
     "throughput_calls",
+    "threads",
     "mobilenet_steps",
     "work_dir",
     "source_dir",
@@ -105,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency_calls", type=int, default=500)
     parser.add_argument("--throughput_batch", type=int, default=512)
     parser.add_argument("--throughput_calls", type=int, default=10)
+    parser.add_argument(
+        "--threads", type=int, default=8, help="Threads sharing one predictor (batch 1); 1: off."
+    )
     parser.add_argument("--mobilenet_steps", type=int, default=3, help="mobilenet_v2's training.")
     parser.add_argument("--work_dir", default=benchlib.DEFAULT_WORK_DIR)
     parser.add_argument(
@@ -228,7 +237,11 @@ def make_predict(path: str, saved_model: str, onnx_path: str) -> Callable[[np.nd
     if path == "openvino":
         import openvino
 
-        compiled = openvino.Core().compile_model(onnx_path, "CPU")
+        # float32 as the other engines: on a CPU with bfloat16 units OpenVINO defaults to them
+        # (probabilities then differ by ~1e-3).
+        compiled = openvino.Core().compile_model(
+            onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
         request = compiled.create_infer_request()
         output = compiled.output("probabilities")
         return lambda x: request.infer({"image": x})[output]
@@ -276,17 +289,43 @@ def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any
             predict(batches[i % len(batches)])
         elapsed = time.perf_counter() - start
         p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+        threaded = None
+        if path in THREAD_SAFE:
+            threaded = threaded_rate(predict, singles, args.threads, args.latency_calls)
         return {
             "load_s": load_s,
             "p50_ms": float(p50),
             "p90_ms": float(p90),
             "p99_ms": float(p99),
             "examples_per_sec": args.throughput_calls * len(batches[0]) / elapsed,
+            "threaded_calls_per_sec": threaded,
             "probabilities": checked.tolist(),
         }
     except Exception as error:  # noqa: BLE001 - report, keep the other runs going
         traceback.print_exc()
         return {"error": f"{type(error).__name__}: {error}"}
+
+
+def threaded_rate(predict, singles, threads: int, calls: int) -> Optional[float]:
+    """Batch-1 calls/s of one predictor called from ``threads`` threads at once (``calls``)."""
+    if threads < 2:
+        return None
+    barrier = threading.Barrier(threads + 1)
+    per_thread = max(calls // threads, 1)
+
+    def work(offset):
+        barrier.wait()
+        for i in range(per_thread):
+            predict(singles[(offset + i) % len(singles)])
+
+    workers = [threading.Thread(target=work, args=(t * per_thread,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for worker in workers:
+        worker.join()
+    return threads * per_thread / (time.perf_counter() - start)
 
 
 def run_isolated(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any]:
@@ -299,7 +338,7 @@ def run_isolated(args, path: str, model: str, files: Dict[str, str]) -> Dict[str
 # Report
 # --------------------------------------------------------------------------------------------
 
-FIGURES = ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec")
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec", "threaded_calls_per_sec")
 
 
 def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -311,7 +350,9 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         medians = {}
         for path in args.paths:
             case = [r for r in good if r["path"] == path]
-            medians[path] = {f: benchlib.median([r[f] for r in case]) for f in FIGURES}
+            medians[path] = {
+                f: benchlib.median([r[f] for r in case if r.get(f) is not None]) for f in FIGURES
+            }
             medians[path]["rounds"] = len(case)
             medians[path]["max_abs_diff"] = (
                 max(
@@ -354,6 +395,7 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
             "p50/ort",
             "p99/ort",
             "ex/s/ort",
+            f"b1 x{args.threads} calls/s",
             "max |dp|",
         ],
         [
@@ -367,6 +409,7 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
                 ratio(row, "p50_ratio"),
                 ratio(row, "p99_ratio"),
                 ratio(row, "throughput_ratio"),
+                benchlib.fmt_rate(row["threaded_calls_per_sec"]),
                 "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",
             ]
             for row in rows
