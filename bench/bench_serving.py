@@ -94,6 +94,7 @@ FLAG_ORDER = (
     "throughput_batch",
     "throughput_calls",
     "threads",
+    "interleaved",
     "mobilenet_steps",
     "work_dir",
     "source_dir",
@@ -113,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--throughput_calls", type=int, default=10)
     parser.add_argument(
         "--threads", type=int, default=8, help="Threads sharing one predictor (batch 1); 1: off."
+    )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="Instead: serving.load against bare onnxruntime, calls alternating in one process.",
     )
     parser.add_argument("--mobilenet_steps", type=int, default=3, help="mobilenet_v2's training.")
     parser.add_argument("--work_dir", default=benchlib.DEFAULT_WORK_DIR)
@@ -328,6 +334,55 @@ def threaded_rate(predict, singles, threads: int, calls: int) -> Optional[float]
     return threads * per_thread / (time.perf_counter() - start)
 
 
+def interleaved(args, model: str, files: Dict[str, str]) -> Dict[str, Any]:
+    """``serving.load`` and bare onnxruntime on the same file, calls alternating in one process.
+
+    Machine load that drifts between fresh-process runs hits both alike here.
+
+    Returns:
+        ``{"serving": {...}, "onnxruntime": {...}}``: batch-1 p50/p90/p99 ms, batch examples/s.
+    """
+    try:
+        import onnxruntime
+
+        import serving
+
+        images = test_images(args, model)
+        served = serving.load(files["saved_model"])
+        ort = onnxruntime.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+        calls = {
+            "serving": lambda x: served(image=x)["probabilities"],
+            "onnxruntime": lambda x: ort.run(["probabilities", "classes"], {"image": x})[0],
+        }
+        singles = [images[i : i + 1] for i in range(1000)]
+        times: Dict[str, List[float]] = {name: [] for name in calls}
+        for i in range(args.warmup_calls + args.latency_calls):
+            order = list(calls) if i % 2 else list(calls)[::-1]
+            for name in order:
+                start = time.perf_counter()
+                calls[name](singles[i % len(singles)])
+                if i >= args.warmup_calls:
+                    times[name].append(1000 * (time.perf_counter() - start))
+        batch = images[: args.throughput_batch]
+        spent = {name: 0.0 for name in calls}
+        for i in range(args.throughput_calls + 2):
+            for name in list(calls) if i % 2 else list(calls)[::-1]:
+                start = time.perf_counter()
+                calls[name](batch)
+                if i >= 2:
+                    spent[name] += time.perf_counter() - start
+        result = {}
+        for name in calls:
+            p50, p90, p99 = np.percentile(times[name], [50, 90, 99])
+            rate = args.throughput_calls * len(batch) / spent[name]
+            result[name] = {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "examples_per_sec": rate}
+        result["engine"] = served.engine
+        return result
+    except Exception as error:  # noqa: BLE001 - report, keep the other runs going
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def run_isolated(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any]:
     """:func:`measure` in a fresh process (``spawn``): no thread pool or cache of another path."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
@@ -417,6 +472,43 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
     )
 
 
+def summarise_interleaved(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Prints and returns the median over rounds of serving.load's ratios to bare onnxruntime."""
+    rows = []
+    print(f"\nserving.load / bare onnxruntime, calls alternating, median of {args.rounds} round(s)")
+    for model in args.models:
+        good = [r for r in runs if r["model"] == model and not r.get("error")]
+        row = {"model": model}
+        for figure in ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec"):
+            row[figure] = benchlib.median(
+                [r["serving"][figure] / r["onnxruntime"][figure] for r in good]
+            )
+        print(
+            f"{model:14s} batch 1 p50 {row['p50_ms']:.3f}x, p90 {row['p90_ms']:.3f}x, "
+            f"p99 {row['p99_ms']:.3f}x; batch {args.throughput_batch} examples/s "
+            f"{row['examples_per_sec']:.3f}x"
+        )
+        rows.append(row)
+    return rows
+
+
+def print_interleaved(model: str, round_index: int, result: Dict[str, Any]) -> None:
+    if result.get("error"):
+        print(f"{model:8s} interleaved round {round_index}: {result['error']}")
+        return
+    ours, ort = result["serving"], result["onnxruntime"]
+    print(
+        f"{model:8s} interleaved round {round_index}: serving.load ({result['engine']}) / bare "
+        f"onnxruntime: batch 1 p50 {ours['p50_ms']:.3f} / {ort['p50_ms']:.3f} ms "
+        f"({ours['p50_ms'] / ort['p50_ms']:.3f}x), p90 {ours['p90_ms'] / ort['p90_ms']:.3f}x, "
+        f"p99 {ours['p99_ms']:.3f} / {ort['p99_ms']:.3f} ms "
+        f"({ours['p99_ms'] / ort['p99_ms']:.3f}x); batch examples/s "
+        f"{ours['examples_per_sec']:,.0f} / {ort['examples_per_sec']:,.0f} "
+        f"({ours['examples_per_sec'] / ort['examples_per_sec']:.3f}x)",
+        flush=True,
+    )
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = benchlib.command_line(__file__, args, FLAG_ORDER)
@@ -427,6 +519,13 @@ def main(argv=None) -> int:
     runs: List[Dict[str, Any]] = []
     for model in args.models:
         files = export_model(args, data_dir, model)
+        if args.interleaved:
+            for round_index in range(args.rounds):
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
+                    result = pool.apply(interleaved, (args, model, files))
+                runs.append({"model": model, "path": "interleaved", "round": round_index, **result})
+                print_interleaved(model, round_index, result)
+            continue
         for round_index in range(args.rounds):
             shift = round_index % len(args.paths)
             for path in args.paths[shift:] + args.paths[:shift]:
@@ -442,8 +541,11 @@ def main(argv=None) -> int:
                         f"load {result['load_s']:.1f}s",
                         flush=True,
                     )
-    rows = summarise(args, runs)
-    print_summary(args, rows)
+    if args.interleaved:
+        rows = summarise_interleaved(args, runs)
+    else:
+        rows = summarise(args, runs)
+        print_summary(args, rows)
     for run in runs:
         run.pop("probabilities", None)
     return benchlib.finish_runs(
