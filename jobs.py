@@ -361,7 +361,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
     path = path.decode() if isinstance(path, bytes) else path
-    onnx_path, skipped = onnx_export.write_onnx(path, bridge.class_names(spec))
+    onnx_path, skipped = onnx_export.write_onnx(path, bridge.class_names(spec), checkpoint)
     if skipped:
         _info(f"note: {onnx_export.ONNX_FILE} skipped, the SavedModel is complete: {skipped}")
     result = {"saved_model": path, "onnx": onnx_path, "checkpoint": checkpoint, "keras": None}

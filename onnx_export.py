@@ -33,6 +33,7 @@ OPSET = 17
 # Metadata keys written into the ONNX file (``ModelProto.metadata_props``).
 CLASS_NAMES_KEY = "class_names"
 SIGNATURE_KEY = "signature"
+CHECKPOINT_KEY = "checkpoint"
 
 
 def onnx_path(saved_model_dir: str) -> str:
@@ -41,13 +42,17 @@ def onnx_path(saved_model_dir: str) -> str:
 
 
 def write_onnx(
-    saved_model_dir: str, class_names: Optional[Sequence[str]] = None, opset: int = OPSET
+    saved_model_dir: str,
+    class_names: Optional[Sequence[str]] = None,
+    checkpoint: Optional[str] = None,
+    opset: int = OPSET,
 ) -> Tuple[Optional[str], Optional[str]]:
     """Converts the SavedModel's ``predict`` signature to ``<saved_model_dir>/model.onnx``.
 
     Args:
         saved_model_dir: A SavedModel version folder written by ``jobs.export``.
         class_names: The dataset's class names, by class index, kept in the file's metadata.
+        checkpoint: The checkpoint exported, kept in the metadata (which weights these are).
         opset: The ONNX opset to target.
 
     Returns:
@@ -90,6 +95,8 @@ def write_onnx(
         metadata = {SIGNATURE_KEY: SIGNATURE}
         if class_names is not None:
             metadata[CLASS_NAMES_KEY] = json.dumps([str(name) for name in class_names])
+        if checkpoint is not None:
+            metadata[CHECKPOINT_KEY] = checkpoint
         onnx.helper.set_model_props(model, metadata)
         onnx.save_model(model, tmp)
         os.replace(tmp, path)
