@@ -26,6 +26,7 @@ import tf_keras as keras
 import data_pipeline
 import estimator_bridge as bridge
 import keras_models
+import onnx_export
 import preflight
 from keras_models import keras3
 
@@ -431,8 +432,11 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     ``keras_output`` (``.keras`` or ``.h5``) is written for Keras 3 unless ``keras_format`` is
     ``tf_keras`` (see ``keras_models.keras3``); optimizer state is not part of it.
 
+    The version folder also gets ``model.onnx`` (``onnx_export``) when the ``onnx`` extra is
+    installed; when it cannot be written the SavedModel is kept and one line says why.
+
     Returns:
-        ``{"saved_model", "checkpoint", "keras"}``.
+        ``{"saved_model", "onnx", "checkpoint", "keras"}`` (``onnx``: None when skipped).
     """
     _preflight(config, "export")
     spec = data_pipeline.load_spec(config.data_dir)
@@ -441,7 +445,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
     before = set(os.listdir(config.export_dir))
-    result = {"saved_model": None, "checkpoint": checkpoint, "keras": None}
+    result = {"saved_model": None, "onnx": None, "checkpoint": checkpoint, "keras": None}
     try:
         with data_pipeline.translate_disk_full(config.export_dir):
             _export(config, spec, estimator, checkpoint, result)
@@ -452,7 +456,11 @@ def export(config: bridge.Config) -> Dict[str, Any]:
             if name.startswith("temp-"):
                 data_pipeline.diskfull.remove(os.path.join(config.export_dir, name))
         versions = sorted(n for n in before if n.isdigit())
-        kept = [f"{p} is complete" for p in (result["saved_model"], result["keras"]) if p]
+        kept = [
+            f"{p} is complete"
+            for p in (result["saved_model"], result["onnx"], result["keras"])
+            if p
+        ]
         if versions:
             kept.append(f"the earlier export {versions[-1]} in {config.export_dir} is untouched")
         raise full.with_kept(", ".join(kept) or "nothing was exported") from full.__cause__
@@ -466,6 +474,12 @@ def _export(config: bridge.Config, spec, estimator, checkpoint: str, result: Dic
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
     result["saved_model"] = path.decode() if isinstance(path, bytes) else path
+    onnx_path, skipped = onnx_export.write_onnx(
+        result["saved_model"], bridge.class_names(spec), checkpoint
+    )
+    if skipped:
+        _info(f"note: {onnx_export.ONNX_FILE} skipped, the SavedModel is complete: {skipped}")
+    result["onnx"] = onnx_path
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output, config.keras_format)

@@ -1,25 +1,28 @@
-"""Fast in-process serving of an exported SavedModel, with TensorFlow alone.
+"""Fast in-process serving of an export, on the fastest engine installed.
 
-``jobs.export`` writes a TF1-style SavedModel (the TF Serving layout). TensorFlow 2's
-``tf.saved_model.load(path).signatures[key](image=...)`` serves it, but slowly: on TF 2.15 every
-call first tries to bind its arguments to the signature's structured type, which a TF1 signature
-does not have, and the ``TypeError`` it builds (then discards) formats the whole input tensor as
-text; that was 9 of the cnn's 14 ms per batch-1 call (README, "Export and serving"). This module
-loads the same SavedModel the way TF Serving does, into a ``Session``, folds the variables into
-constants (so oneDNN keeps its reordered weights between calls) and runs one
-``Session.make_callable`` per signature. Small batches of a raw-image signature can go through the
-same frozen graph compiled by XLA instead (the whole network as one program, no per-op dispatch:
-the recurrent networks' 28-step loops ran 2-3x faster at batch 1), padded to a power of two so at
-most a handful of shapes compile. Whether XLA serves small batches is decided at load by timing
-both at batch 1 (XLA was slower for the cnn, whose convolutions and 12.8 MB dense layer oneDNN
-runs faster); large batches stay on the Session (README, "Serving speed").
+``jobs.export`` writes a TF1-style SavedModel (the TF Serving layout) and, with the ``onnx``
+extra installed, the same predict graph as ``model.onnx`` in the version folder
+(``onnx_export``). :func:`load` picks the engine when it loads (docs/serving.md):
 
-It imports neither ``tensorflow_estimator`` nor anything else of this project, so it loads where
-only TensorFlow is installed, newer versions included (checked with TensorFlow 2.21)::
+* ``"onnxruntime"``: the ONNX file on onnxruntime, for the raw-image signatures
+  (``serving_default``, ``predict``) when the file is there and onnxruntime imports. It ran the
+  four networks 2.5-4.5x faster than TensorFlow at batch 1 (docs/serving.md).
+* ``"tensorflow"``: the SavedModel, always available and the only engine for the ``tf.Example``
+  signatures. It loads the SavedModel the way TF Serving does, into a ``Session``, folds the
+  variables into constants (so oneDNN keeps its reordered weights between calls) and runs one
+  ``Session.make_callable`` per signature. Small batches of a raw-image signature can go through
+  the same frozen graph compiled by XLA instead, padded to a power of two so at most a handful of
+  shapes compile; whether XLA serves them is decided at load by timing both at batch 1.
+
+``engine=`` forces one; ``model.engine`` says which serves, and the ``serving`` logger says it
+at INFO level. Calls are thread-safe on both engines. The module imports neither
+``tensorflow_estimator`` nor anything else of this project, and onnxruntime only when it is
+used, so it loads where only TensorFlow is installed, newer versions included::
 
     import serving
 
     model = serving.load("exports/cnn/1795760585")       # a SavedModel version folder
+    model.engine                                         # "onnxruntime" or "tensorflow"
     out = model(image=images)                            # float32 [N, 28, 28, 1] in [0, 1]
     out["probabilities"], out["classes"]                 # numpy arrays
     by_example = serving.load(path, "examples:serving_default")
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import logging
 import os
 import time
 from typing import Dict, List, Optional, Union
@@ -37,8 +42,15 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 
 SERVE_TAG = "serve"
+ENGINES = ("onnxruntime", "tensorflow")
+# The signatures the ONNX file serves (raw images in); the tf.Example ones need TensorFlow.
+ONNX_SIGNATURES = ("serving_default", "predict")
+# Kept in step with onnx_export (not imported: it is not needed where only TensorFlow is).
+ONNX_FILE = "model.onnx"
+_log = logging.getLogger(__name__)
 # Batches up to this size may go through XLA (see the module docstring).
 XLA_MAX_BATCH = 32
 _TIMED_CALLS = 15  # batch-1 calls timed per path when xla="auto" (after a warm-up call each)
@@ -50,9 +62,12 @@ class ServedModel:
     Attributes:
         path: The SavedModel folder.
         signature_key: The signature served.
+        engine: ``"tensorflow"``.
         inputs: Input key -> ``(dtype, shape)`` of the signature (``None`` for unknown sizes).
         outputs: The output keys, in the order they are returned.
     """
+
+    engine = "tensorflow"
 
     def __init__(
         self,
@@ -288,6 +303,131 @@ class _XlaProgram:
         return [output.numpy()[:size] for output in self._function(*values)]
 
 
+class OnnxModel:
+    """A raw-image signature served from the export's ``model.onnx`` on onnxruntime.
+
+    Called like :class:`ServedModel`, with the same inputs and outputs as the SavedModel's
+    signature. The call adds almost nothing to onnxruntime's own: the output names are bound at
+    load, the input is passed on as it is when it is already a C-contiguous float32 array, and
+    the session's C++ ``run`` is called directly (``InferenceSession.run`` re-checks the feed in
+    Python on every call; this class checks the input key itself). onnxruntime sessions may be
+    called from several threads at once.
+
+    Attributes:
+        path: The SavedModel version folder.
+        onnx_path: The ONNX file.
+        signature_key: The signature served.
+        engine: ``"onnxruntime"``.
+        inputs: ``{"image": (np.float32, shape)}`` (``None`` for unknown sizes).
+        outputs: The output keys, in the order they are returned.
+        class_names: The dataset's class names by class index, from the file's metadata.
+    """
+
+    engine = "onnxruntime"
+
+    def __init__(
+        self,
+        path: str,
+        signature_key: str = "serving_default",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ):
+        import onnxruntime
+
+        self.path = path
+        self.onnx_path = os.path.join(path, ONNX_FILE)
+        self.signature_key = signature_key
+        signature_outputs = _signature_outputs(path, signature_key)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        session = onnxruntime.InferenceSession(
+            self.onnx_path, options, providers=["CPUExecutionProvider"]
+        )
+        metadata = session.get_modelmeta().custom_metadata_map
+        names = metadata.get("class_names")
+        self.class_names = None if names is None else np.array(json.loads(names))
+        (image,) = session.get_inputs()
+        self._input = image.name
+        self.inputs: Dict[str, tuple] = {
+            "image": (np.float32, tuple(d if isinstance(d, int) else None for d in image.shape))
+        }
+        self.outputs: List[str] = signature_outputs
+        available = {output.name for output in session.get_outputs()}
+        self._names = [key for key in signature_outputs if key in available]
+        # String outputs (class names) are not in the ONNX graph: looked up from the metadata.
+        self._looked_up = [key for key in signature_outputs if key not in available]
+        if self._looked_up and (self.class_names is None or "classes" not in self._names):
+            raise ValueError(f"{self.onnx_path} lacks the outputs {', '.join(self._looked_up)}")
+        self._session = session
+        self._run = getattr(session, "_sess", session).run
+
+    def __call__(self, *args, **kwargs) -> Dict[str, np.ndarray]:
+        """Runs the signature: ``model(images)`` or ``model(image=images)`` -> outputs by key."""
+        if args:
+            if len(args) != 1 or kwargs:
+                raise TypeError(
+                    f"pass the inputs by name: image (signature {self.signature_key!r})"
+                )
+            images = args[0]
+        elif len(kwargs) == 1 and "image" in kwargs:
+            images = kwargs["image"]
+        else:
+            raise TypeError(
+                f"signature {self.signature_key!r} takes image, "
+                f"got {', '.join(sorted(kwargs)) or 'nothing'}"
+            )
+        if not (type(images) is np.ndarray and images.dtype == np.float32):
+            images = np.asarray(images, dtype=np.float32)
+        if not images.flags.c_contiguous:
+            images = np.ascontiguousarray(images)
+        out = dict(zip(self._names, self._run(self._names, {self._input: images}, None)))
+        for key in self._looked_up:
+            out[key] = self.class_names[out["classes"]]
+        return out
+
+    def close(self) -> None:
+        """Releases the session (onnxruntime frees it with the object)."""
+        self._session = self._run = None
+
+    def __enter__(self) -> OnnxModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _signature_outputs(path: str, signature_key: str) -> List[str]:
+    """The output keys of a signature, read from ``saved_model.pb`` (sorted, as TensorFlow's)."""
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as handle:
+        saved_model.ParseFromString(handle.read())
+    for meta_graph in saved_model.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            signatures = meta_graph.signature_def
+            if signature_key not in signatures:
+                raise KeyError(
+                    f"{path} has no signature {signature_key!r}; it has: "
+                    + ", ".join(sorted(signatures))
+                )
+            return sorted(signatures[signature_key].outputs)
+    raise KeyError(f"{path} has no {SERVE_TAG!r} graph")
+
+
+def available_engines(path: str, signature_key: str = "serving_default") -> List[str]:
+    """The engines that can serve ``signature_key`` of the export at ``path``, fastest first."""
+    path = latest_version(path) or path
+    engines = []
+    if signature_key in ONNX_SIGNATURES and os.path.exists(os.path.join(path, ONNX_FILE)):
+        try:
+            import onnxruntime  # noqa: F401 - only whether it imports
+        except ImportError:
+            pass
+        else:
+            engines.append("onnxruntime")
+    return engines + ["tensorflow"]
+
+
 def load(
     path: str,
     signature_key: str = "serving_default",
@@ -296,35 +436,57 @@ def load(
     inter_op_threads: int = 0,
     xla: Union[bool, str] = "auto",
     xla_max_batch: int = XLA_MAX_BATCH,
-) -> ServedModel:
-    """Loads one signature of a SavedModel for fast in-process serving.
+    engine: str = "auto",
+) -> Union[OnnxModel, ServedModel]:
+    """Loads one signature of an export for fast in-process serving, on the fastest engine.
 
     Args:
         path: A SavedModel version folder (``EXPORT_DIR/<timestamp>``), or an export folder
             holding numeric versions, in which case the newest is served.
         signature_key: ``serving_default`` (raw images), ``predict`` (adds the logits),
             ``examples:serving_default``, ``examples:predict`` or ``examples:classification``.
-        freeze: Fold the variables into constants at load (faster; the same probabilities).
-        intra_op_threads: Threads per op (0: TensorFlow decides, one per core).
-        inter_op_threads: Ops run at once (0: TensorFlow decides).
-        xla: Whether batches of raw images up to ``xla_max_batch`` run as an XLA-compiled
-            program of the frozen graph: ``"auto"`` (time both paths at batch 1 during the load,
-            keep the faster), ``True`` or ``False``. Each power of two up to ``xla_max_batch``
-            compiles on first use (0.5-1.5 s each here). Not for ``tf.Example`` signatures.
+        freeze: TensorFlow engine: fold the variables into constants at load (faster; the same
+            probabilities).
+        intra_op_threads: Threads per op (0: the engine decides, one per core).
+        inter_op_threads: Ops run at once (0: the engine decides).
+        xla: TensorFlow engine: whether batches of raw images up to ``xla_max_batch`` run as an
+            XLA-compiled program of the frozen graph: ``"auto"`` (time both paths at batch 1
+            during the load, keep the faster), ``True`` or ``False``. Each power of two up to
+            ``xla_max_batch`` compiles on first use (0.5-1.5 s each). Not for ``tf.Example``
+            signatures.
         xla_max_batch: The largest batch XLA may serve; larger ones run on the Session.
+        engine: ``"auto"`` (the first of :func:`available_engines`: onnxruntime when the export
+            has ``model.onnx``, onnxruntime imports and the signature takes raw images, else
+            TensorFlow), ``"onnxruntime"`` or ``"tensorflow"``.
 
     Returns:
-        A :class:`ServedModel`: ``model(image=batch)`` -> ``{"classes": ..., ...}``.
+        An :class:`OnnxModel` or a :class:`ServedModel` (``.engine`` says which):
+        ``model(image=batch)`` -> ``{"classes": ..., ...}``.
+
+    Raises:
+        ValueError: An unknown engine, or one that cannot serve this export or signature.
     """
-    return ServedModel(
-        latest_version(path) or path,
-        signature_key,
-        freeze,
-        intra_op_threads,
-        inter_op_threads,
-        xla,
-        xla_max_batch,
-    )
+    path = latest_version(path) or path
+    choices = available_engines(path, signature_key)
+    if engine == "auto":
+        engine = choices[0]
+    elif engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: choose from auto, {', '.join(ENGINES)}")
+    elif engine not in choices:
+        raise ValueError(
+            f"engine {engine!r} cannot serve {signature_key!r} of {path} (it needs "
+            f"{ONNX_FILE} in the export, the onnx extra installed and a raw-image signature)"
+        )
+    if engine == "onnxruntime":
+        model: Union[OnnxModel, ServedModel] = OnnxModel(
+            path, signature_key, intra_op_threads, inter_op_threads
+        )
+    else:
+        model = ServedModel(
+            path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
+        )
+    _log.info("serving %s (%s) on %s", path, signature_key, engine)
+    return model
 
 
 def latest_version(export_dir: str) -> Optional[str]:

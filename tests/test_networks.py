@@ -5,17 +5,22 @@ The same config trained again must write a bit-identical checkpoint (initial wei
 input order and augmentation all seeded), another seed must not. Each run is exported once; one
 fresh interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no
 Estimator) serves the four exports, one after the other as a server holding several models would,
-through ``serving.load`` (raw images through XLA, padded or not, and through the Session;
-``tf.Example`` receivers; frozen and not), TF Serving's loader (``tf.compat.v1.saved_model.load``
-+ ``Session.run``) and TensorFlow 2's ``signatures``; all must match ``estimator.predict`` to
-1e-5. Four exports in one process also cover the function names that XLA's eager import
-registers process-wide. The same interpreter runs ``saved_model_cli show --all`` on each.
+through ``serving.load`` (its own choice, onnxruntime on the export's ``model.onnx``; the
+TensorFlow engine: raw images through XLA, padded or not, and through the Session; ``tf.Example``
+receivers; frozen and not), TF Serving's loader (``tf.compat.v1.saved_model.load`` +
+``Session.run``) and TensorFlow 2's ``signatures``, which must ignore ``model.onnx`` in the
+version folder; all must match ``estimator.predict`` to 1e-5. Four exports in one process also
+cover the function names that XLA's eager import registers process-wide. The same interpreter
+runs ``saved_model_cli show --all`` on each. One model is also called from 8 threads at once.
 """
 
+import concurrent.futures
 import dataclasses
 import os
 import pickle
 import re
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -121,20 +126,28 @@ images = np.load(os.path.join(folder, "images.npy"))
 examples = pickle.loads(open(os.path.join(folder, "examples.pkl"), "rb").read())
 for number, path in enumerate(paths):
     out = {}
+    # The export's model.onnx sits in the version folder every loader below reads.
+    assert os.path.exists(os.path.join(path, "model.onnx"))
     auto = serving.load(path)
+    assert auto.engine == "onnxruntime", auto.engine
     out["serving"] = auto(image=images)["probabilities"]
+    out["serving_onnx_predict"] = serving.load(path, "predict", engine="onnxruntime")(
+        images)["probabilities"]
+    tf_auto = serving.load(path, engine="tensorflow")
     # "auto" kept one of the two raw-image paths; the other is loaded on purpose.
-    xla = auto if auto.xla else serving.load(path, xla=True)
+    xla = tf_auto if tf_auto.xla else serving.load(path, xla=True, engine="tensorflow")
     assert xla.xla, "16 raw images should take the XLA path"
     out["serving_xla"] = xla(image=images)["probabilities"]
     # 5 and 11 images: padded to XLA programs for 8 and 16, the padding cut off again.
     out["serving_xla_padded"] = np.concatenate(
         [xla(image=images[:5])["probabilities"], xla(image=images[5:])["probabilities"]])
-    session = serving.load(path, xla=False) if auto.xla else auto
+    session = serving.load(path, xla=False, engine="tensorflow") if tf_auto.xla else tf_auto
     out["serving_session"] = session(image=images)["probabilities"]
-    out["serving_unfrozen"] = serving.load(path, freeze=False)(image=images)["probabilities"]
-    out["serving_examples"] = serving.load(path, "examples:serving_default")(
-        examples=examples)["probabilities"]
+    out["serving_unfrozen"] = serving.load(path, freeze=False, engine="tensorflow")(
+        image=images)["probabilities"]
+    by_example = serving.load(path, "examples:serving_default")
+    assert by_example.engine == "tensorflow", "tf.Example signatures are SavedModel-only"
+    out["serving_examples"] = by_example(examples=examples)["probabilities"]
     classify = serving.load(path, "examples:classification")(inputs=examples)
     out["serving_classification"] = classify["scores"]
     assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
@@ -205,7 +218,7 @@ def test_every_path_gives_the_estimators_probabilities(exported, served, test_di
     config, _ = exported
     probabilities, classes, _ = served
     expected = estimator_probabilities(config, test_digits[0])
-    assert len(probabilities) == 11
+    assert len(probabilities) == 12
     for name, value in probabilities.items():
         np.testing.assert_allclose(value, expected, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(classes, expected.argmax(-1))
@@ -244,3 +257,37 @@ def test_latest_version_picks_the_newest_complete_export(tmp_path):
     assert serving.latest_version(str(tmp_path)) == newest
     assert serving.latest_version(newest) is None  # already a version folder
     assert serving.latest_version(str(tmp_path / "notes")) is None  # no versions in it
+
+
+@pytest.mark.parametrize("engine", serving.ENGINES)
+def test_one_model_serves_eight_threads_at_once(exports, test_digits, engine):
+    """Concurrent calls give what serial calls give (each thread its own images)."""
+    images = test_digits[0]
+    model = serving.load(exports["rnn"], engine=engine, xla=False)  # xla: TensorFlow's Session
+    assert model.engine == engine
+    batches = [images[i : i + 1 + i % 3] for i in range(8)]  # batch sizes 1-3
+    serial = [model(image=batch)["probabilities"] for batch in batches]
+    barrier = threading.Barrier(8)
+
+    def call(batch):
+        barrier.wait()
+        return [model(image=batch)["probabilities"] for _ in range(10)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        concurrent_results = list(pool.map(call, batches))
+    for expected, results in zip(serial, concurrent_results):
+        for result in results:
+            np.testing.assert_array_equal(result, expected)
+
+
+def test_engine_choice_without_onnxruntime_and_when_forced(exports, monkeypatch):
+    path = exports["cnn"]
+    assert serving.available_engines(path) == ["onnxruntime", "tensorflow"]
+    assert serving.available_engines(path, "examples:predict") == ["tensorflow"]
+    with pytest.raises(ValueError, match="engine 'onnxruntime' cannot serve 'examples:predict'"):
+        serving.load(path, "examples:predict", engine="onnxruntime")
+    with pytest.raises(ValueError, match="unknown engine 'tpu'"):
+        serving.load(path, engine="tpu")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with serving.load(path, xla=False) as model:
+        assert model.engine == "tensorflow"

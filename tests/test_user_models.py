@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +26,8 @@ import data_pipeline
 import estimator_bridge
 import jobs
 import keras_models
+import onnx_export
+import serving
 from estimator_bridge import PREDICT, TRAIN
 from keras_models import ModelError, keras3, resolve_model
 
@@ -384,6 +387,9 @@ def test_user_builder_export_serves_the_estimators_probabilities(user_export, te
     assert np.mean(expected.argmax(-1) == labels) > 0.7
     np.testing.assert_allclose(served["raw"], expected, atol=1e-5)
     np.testing.assert_allclose(served["scores"], expected, atol=1e-5)
+    # Its model.onnx (BatchNorm folded by tf2onnx) on onnxruntime.
+    with serving.load(str(saved_model), engine="onnxruntime") as onnx_model:
+        np.testing.assert_allclose(onnx_model(image=images)["probabilities"], expected, atol=1e-5)
     assert served["classes"][0].tolist() == [str(i) for i in range(10)]
     # The .keras file is the user's own softmax network with the trained weights.
     model = keras3.load_model(str(keras_path))  # a Keras 3 file: translated back
@@ -572,3 +578,38 @@ def test_model_file_that_does_not_load_is_one_line(mnist_data_dir, tmp_path):
     run = _cli(tmp_path, "--mode=train", f"--model={broken}", f"--data_dir={mnist_data_dir}")
     assert_cli_error(run, f"cannot load the model file {broken}")
     assert not (tmp_path / "models").exists()
+
+
+def test_a_network_tf2onnx_cannot_convert_still_exports_its_saved_model(
+    mnist_data_dir, tmp_path, capsys, monkeypatch
+):
+    config = estimator_bridge.Config(
+        model="user_models:build_unconvertible",  # starts with BesselI0e, which tf2onnx lacks
+        data_dir=str(mnist_data_dir),
+        model_dir=str(tmp_path / "model"),
+        export_dir=str(tmp_path / "export"),
+        batch_size=16,
+        train_steps=1,
+        train_limit=64,
+        progress=False,
+    )
+    jobs.train(config)
+    capsys.readouterr()
+    exported = jobs.export(config)
+    said = [line for line in capsys.readouterr().err.splitlines() if "onnx" in line.lower()]
+    assert said == [
+        "note: model.onnx skipped, the SavedModel is complete: "
+        "ValueError: tf2onnx cannot convert the ops BesselI0e"
+    ]
+    saved_model = exported["saved_model"]
+    assert exported["onnx"] is None
+    assert sorted(os.listdir(saved_model)) == ["saved_model.pb", "variables"]
+    with serving.load(saved_model, xla=False) as model:
+        assert model.engine == "tensorflow"
+        assert model(image=np.zeros([2, 28, 28, 1], np.float32))["probabilities"].shape == (2, 10)
+    # Without the onnx extra the export says so instead.
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    assert onnx_export.write_onnx(saved_model) == (
+        None,
+        "tf2onnx is not installed (pip install -e '.[onnx]')",
+    )

@@ -5,6 +5,7 @@ layers are deliberately left unnamed (as in most user code), so Keras names them
 ``dense_1``, ... from its counters.
 """
 
+import tensorflow as tf
 import tf_keras as keras
 
 
@@ -64,3 +65,11 @@ def build_sigmoid(input_shape=(28, 28, 1), num_classes=10):
 
 def build_raises(input_shape=(28, 28, 1)):
     raise ValueError("width must be even\nsecond line of the explanation")
+
+
+def build_unconvertible(input_shape=(28, 28, 1), num_classes=10):
+    """Starts with an op tf2onnx has no conversion for (BesselI0e): exports without ONNX."""
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Lambda(tf.math.bessel_i0e, name="bessel")(inputs)
+    x = keras.layers.Flatten()(x)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(x))
