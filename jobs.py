@@ -48,8 +48,8 @@ def train(
     spec = data_pipeline.load_spec(config.data_dir)
     network = bridge.describe_network(config, spec)  # a model that cannot train stops here
     # Reads only: a refused resume writes nothing, not even a lock.
-    bridge.check_resumable(config, network)
     _check_same_dataset(config, spec)
+    bridge.check_resumable(config, network)
     with preflight.trainer_lock(config.model_dir):
         return _train(config, spec, network, hooks)
 
@@ -191,8 +191,8 @@ def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "train_and_evaluate")
     spec = data_pipeline.load_spec(config.data_dir)
     network = bridge.describe_network(config, spec)
-    bridge.check_resumable(config, network)
     _check_same_dataset(config, spec)
+    bridge.check_resumable(config, network)
     with preflight.trainer_lock(config.model_dir):
         return _train_and_evaluate(config, spec, network)
 
@@ -354,7 +354,8 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
             for k in range(2, top_k + 1):
                 header += [f"class_{k}", f"class_name_{k}", f"probability_{k}"]
             writer.writerow(header)
-            for path, row in zip(files, rows):
+            # rows first: its end closes the Estimator's generator and the graph it holds.
+            for row, path in zip(rows, files):
                 probabilities = np.asarray(row["probabilities"])
                 best = np.argsort(-probabilities, kind="stable")[:top_k]
                 line = [path]

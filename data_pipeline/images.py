@@ -41,6 +41,10 @@ _WRONG_SIZE = "data_pipeline: image size differs"
 _ASSERTED = re.compile(
     r"(" + "|".join((_TOO_LARGE, _WRONG_SIZE)) + r")\] \[(.+?)\] \[(\d+)\] \[(\d+)\]"
 )
+# The same assertion run eagerly (one file decoded outside tf.data) prints its data as bytes.
+_ASSERTED_EAGERLY = re.compile(
+    r"Summarized data: b'(" + "|".join((_TOO_LARGE, _WRONG_SIZE)) + r")'\s+b'(.+?)'\s+(\d+)\s+(\d+)"
+)
 _FIX_SIZE = "pass --image_size=H,W to resize every image"
 
 
@@ -273,7 +277,7 @@ def load_failure(error: tf.errors.OpError) -> Optional[Tuple[str, str, int, int]
     Returns:
         ``("too_large" | "wrong_size", path, height, width)`` or None.
     """
-    match = _ASSERTED.search(error.message or "")
+    match = _ASSERTED.search(error.message or "") or _ASSERTED_EAGERLY.search(error.message or "")
     if match is None:
         return None
     what, path, height, width = match.groups()
