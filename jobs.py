@@ -68,7 +68,7 @@ def _note_other_dataset(checkpoint: str, spec, doing: str) -> None:
 
 
 def _say_precision(config: bridge.Config) -> None:
-    """A training run's first line: the precision and why (``--precision=auto`` chose it)."""
+    """A training run's first line when ``--precision=auto`` chose: the precision and why."""
     if config.precision_reason:
         _info(f"precision: {config.precision} ({config.precision_reason})")
 

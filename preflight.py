@@ -180,10 +180,11 @@ def choose_precision(requested: str) -> Tuple[str, str]:
     model_fn, checkpoints and exports only ever see a concrete precision.
 
     Returns:
-        ``(precision, reason)``, e.g. ``("mixed_bfloat16", "auto: this CPU has avx512_bf16")``.
+        ``(precision, reason)``, e.g. ``("mixed_bfloat16", "auto: this CPU has avx512_bf16")``;
+        the reason is ``""`` for a precision asked for by name.
     """
     if requested != "auto":
-        return requested, f"--precision={requested}"
+        return requested, ""  # asked for by name: nothing to explain
     missing = missing_bf16_arithmetic()
     if missing is not None:
         return "float32", f"auto: {missing}"

@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         "training throughput: estimator_bridge vs tutorial model_fn vs Keras fit", command, info
     )
     args.precision, reason = preflight.choose_precision(args.precision)
-    print(f"precision: {args.precision} ({reason})")
+    print(f"precision: {args.precision} ({reason or 'asked for'})")
     preflight.warn_if_bf16_is_emulated(args.precision, stream=sys.stdout)
     os.makedirs(args.work_dir, exist_ok=True)
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)

@@ -147,7 +147,7 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert preflight.choose_precision("auto")[0] == "mixed_bfloat16"
     monkeypatch.setattr(preflight, "gpu_compute_capabilities", lambda: [(7, 5)])
     assert preflight.choose_precision("auto")[0] == "float32"
-    assert preflight.choose_precision("float32") == ("float32", "--precision=float32")
+    assert preflight.choose_precision("float32") == ("float32", "")  # named: nothing to say
 
 
 def test_a_folder_of_pngs_equals_the_prepared_split(model, mnist_pngs, mnist_data_dir):
