@@ -328,6 +328,7 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
     checkpoint = None
     if config.predict_export:
         rows = _served_rows(config, spec)
+        next(rows)  # loads and checks the export now, before anything is written
     else:
         checkpoint = bridge.resolve_checkpoint(config)
         network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
@@ -390,10 +391,27 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
 
 
 def _served_rows(config: bridge.Config, spec):
-    """``{"probabilities": ...}`` per input file, from the export through ``serving.load``."""
+    """``{"probabilities": ...}`` per input file, from the export through ``serving.load``.
+
+    The first item is None, once the export is loaded and checked against ``spec``.
+    """
     import serving
 
-    model = serving.load(config.predict_export)
+    path = serving.latest_version(config.predict_export) or config.predict_export
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise bridge.UsageError(
+            f"--export_dir={config.predict_export} holds no SavedModel; export first "
+            "(--mode=export), or pass a folder that --mode=export wrote"
+        )
+    model = serving.load(path)
+    shape = model.inputs.get("image", (None, ()))[1][1:]
+    if tuple(shape) != tuple(spec.image_shape):
+        raise bridge.UsageError(
+            f"the export {path} takes images of shape {list(shape)}, but --data_dir="
+            f"{config.data_dir} holds {list(spec.image_shape)}; pass the --data_dir it was "
+            "trained on"
+        )
+    yield None  # the export is loaded and fits: predict_inputs goes on
     for batch in inputs.make_dataset(config.inputs, spec, config.eval_batch_size):
         for probabilities in model(image=batch["image"].numpy())["probabilities"]:
             yield {"probabilities": probabilities}

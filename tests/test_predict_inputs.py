@@ -150,14 +150,23 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert preflight.choose_precision("float32") == ("float32", "")  # named: nothing to say
 
 
-def test_a_folder_of_pngs_equals_the_prepared_split(model, mnist_pngs, mnist_data_dir):
+@pytest.fixture(scope="module")
+def png_predictions(model, mnist_pngs, mnist_data_dir):
+    """``predict --inputs`` of the PNG folder by the checkpoint: the run and its CSV rows."""
     root, model_dir, _ = model
     out = root / "pngs"
     run = _predict(mnist_data_dir, model_dir, out, f"--inputs={mnist_pngs}", "--top_k=3")
     assert run.returncode == 0, run.stderr[-2000:]
+    return run, out, _rows(out / "predictions.csv")
+
+
+def test_a_folder_of_pngs_equals_the_prepared_split(
+    model, png_predictions, mnist_pngs, mnist_data_dir
+):
+    root, model_dir, _ = model
+    run, out, rows = png_predictions
     result = json.loads(run.stdout)
     assert result["examples"] == MNIST_FILES and result["csv"] == str(out / "predictions.csv")
-    rows = _rows(out / "predictions.csv")
     assert list(rows[0]) == [
         "file",
         "class",
@@ -191,7 +200,7 @@ def test_a_folder_of_pngs_equals_the_prepared_split(model, mnist_pngs, mnist_dat
     ]
 
 
-def test_an_export_predicts_the_same(model, mnist_pngs, mnist_data_dir):
+def test_an_export_predicts_the_same(model, png_predictions, mnist_pngs, mnist_data_dir):
     root, model_dir, _ = model
     config = estimator_bridge.Config(
         data_dir=str(mnist_data_dir), model_dir=str(model_dir), export_dir=str(root / "export")
@@ -203,8 +212,13 @@ def test_an_export_predicts_the_same(model, mnist_pngs, mnist_data_dir):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["checkpoint"] is None
+    assert_cli_error(
+        _predict(mnist_data_dir, model_dir, out, f"--inputs={mnist_pngs}", f"--export_dir={out}"),
+        "holds no SavedModel",
+        "--mode=export",
+    )
     served = _rows(out / "predictions.csv")
-    by_checkpoint = _rows(root / "pngs" / "predictions.csv")
+    by_checkpoint = png_predictions[2]
     assert [r["file"] for r in served] == [r["file"] for r in by_checkpoint]
     for new, old in zip(served, by_checkpoint):
         assert new["class"] == old["class"]
