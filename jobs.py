@@ -61,10 +61,14 @@ def _check_same_dataset(config: bridge.Config, spec) -> None:
         raise bridge.UsageError(problem)
 
 
-def _note_other_dataset(checkpoint: str, spec, doing: str) -> None:
-    note = provenance.other_dataset_note(checkpoint, spec, doing)
+def _noted(note: Optional[str], result: Dict[str, Any]) -> Dict[str, Any]:
+    """Returns ``result``, first printing the other-dataset note, if any.
+
+    Printed once the job has succeeded, so that an error stays the only line.
+    """
     if note:
         _info(note)
+    return result
 
 
 def _say_precision(config: bridge.Config) -> None:
@@ -144,7 +148,7 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
-    _note_other_dataset(checkpoint, spec, "evaluating")
+    note = provenance.other_dataset_note(checkpoint, spec, "evaluating")
     estimator = bridge.make_estimator(config, spec)
     splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
     results = {}
@@ -157,9 +161,9 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
             )
         results[split] = _summarise_eval(config, split, checkpoint, metrics, name)
     if len(splits) == 1:
-        return results[splits[0]]
+        return _noted(note, results[splits[0]])
     step = results["test"]["global_step"]
-    return {"split": "both", "global_step": step, "checkpoint": checkpoint, **results}
+    return _noted(note, {"split": "both", "global_step": step, "checkpoint": checkpoint, **results})
 
 
 def _summarise_eval(
@@ -262,7 +266,7 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
-    _note_other_dataset(checkpoint, spec, "predicting")
+    note = provenance.other_dataset_note(checkpoint, spec, "predicting")
     names = bridge.class_names(spec)
     keys = ["classes", "probabilities"]
     if config.plot and "conv1" in network.layers:
@@ -296,13 +300,16 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
                 samples.append(prediction)
     os.replace(csv_path + ".tmp", csv_path)
     plots = _plot_predictions(config, samples, labels, names) if config.plot else []
-    return {
-        "csv": csv_path,
-        "examples": count,
-        "accuracy": round(correct / max(count, 1), 6),
-        "checkpoint": checkpoint,
-        "plots": plots,
-    }
+    return _noted(
+        note,
+        {
+            "csv": csv_path,
+            "examples": count,
+            "accuracy": round(correct / max(count, 1), 6),
+            "checkpoint": checkpoint,
+            "plots": plots,
+        },
+    )
 
 
 _PLOTTED_DIGITS = 16
@@ -325,14 +332,14 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "predict")
     spec = data_pipeline.load_spec(config.data_dir)
     total = inputs.count_files(config.inputs)  # also: a missing --inputs stops here
-    checkpoint = None
+    checkpoint = note = None
     if config.predict_export:
         rows = _served_rows(config, spec)
         next(rows)  # loads and checks the export now, before anything is written
     else:
         checkpoint = bridge.resolve_checkpoint(config)
         network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
-        _note_other_dataset(checkpoint, spec, "decoding the new images as")
+        note = provenance.other_dataset_note(checkpoint, spec, "decoding the new images as")
         keys = ["probabilities"] + (["conv1"] if config.plot and "conv1" in network.layers else [])
         estimator = bridge.make_estimator(config, spec, intermediates=len(keys) > 1)
         rows = estimator.predict(
@@ -381,13 +388,16 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
         plots = _plot_predictions(
             config, samples, None, names, images=first["image"].numpy(), name="inputs"
         )
-    return {
-        "csv": csv_path,
-        "examples": count,
-        "checkpoint": checkpoint,
-        "export": config.predict_export,
-        "plots": plots,
-    }
+    return _noted(
+        note,
+        {
+            "csv": csv_path,
+            "examples": count,
+            "checkpoint": checkpoint,
+            "export": config.predict_export,
+            "plots": plots,
+        },
+    )
 
 
 def _served_rows(config: bridge.Config, spec):
@@ -530,7 +540,9 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
-    _note_other_dataset(checkpoint, spec, "exporting with the shape and class names of")
+    note = provenance.other_dataset_note(
+        checkpoint, spec, "exporting with the shape and class names of"
+    )
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
     _wait_for_a_free_timestamp(config.export_dir)
@@ -543,7 +555,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output)
         result["keras"] = config.keras_output
-    return result
+    return _noted(note, result)
 
 
 def _wait_for_a_free_timestamp(export_dir: str) -> None:
