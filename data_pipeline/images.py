@@ -291,6 +291,7 @@ def gist(error: tf.errors.OpError) -> str:
 
 def _gist(error: tf.errors.OpError) -> str:
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message or str(error))
+    text = re.sub(r"\s*\[Op:\w+\]( name:\s*\S*)?", "", text)  # an eager op's trailer
     return " ".join(re.sub(r"\s*\[\[\{\{node .*", "", text).split()[:30])
 
 
