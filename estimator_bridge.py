@@ -43,6 +43,7 @@ from tf_keras.src.layers.rnn import gru_lstm_utils  # see _without_cudnn_variant
 import data_pipeline
 import distribution
 import keras_models
+import provenance
 from keras_models import keras3
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
@@ -95,7 +96,10 @@ class Config:
         dropout_rate: Dropout before the logits layer (for builders taking ``dropout_rate``).
         model_params: Keyword arguments for the builder; they override the dataset's
             ``input_shape``/``num_classes`` and ``dropout_rate``.
-        precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss).
+        precision: ``float32`` or ``mixed_bfloat16`` (bf16 compute, float32 variables/loss);
+            ``--precision=auto`` is resolved to one of them when the config is built
+            (``preflight.choose_precision``).
+        precision_reason: Why ``precision`` was chosen; training prints it as its first line.
         augment: Random shifts of up to ``augment_shift`` pixels on training images.
         augment_shift: Largest shift, in pixels.
         seed: Seeds every random choice (initial weights, dropout, input order, augmentation):
@@ -107,6 +111,11 @@ class Config:
         train_limit: Train only on the first N examples of the train split.
         export_dir: Parent folder of SavedModel versions.
         predict_split: Split that ``predict`` reads.
+        inputs: New image files for ``predict`` instead of a split: a file, a folder or a glob
+            (``jobs.predict_inputs``).
+        top_k: ``predict`` with ``inputs``: the classes listed per file, most probable first.
+        predict_export: ``predict`` with ``inputs``: an export (``serving.load``'s path) to
+            predict with instead of the checkpoint.
         output_dir: Where ``predict`` writes its CSV and plots.
         plot: Write PNG plots of predictions and feature maps.
         warm_start_from: Keras weights file (``.keras``/``.h5``, Keras 2 or 3) to initialise
@@ -140,6 +149,7 @@ class Config:
     dropout_rate: float = 0.4
     model_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     precision: str = "float32"
+    precision_reason: str = ""
     augment: bool = False
     augment_shift: int = 2
     seed: Optional[int] = None
@@ -149,6 +159,9 @@ class Config:
     train_limit: Optional[int] = None
     export_dir: str = "exports"
     predict_split: str = "test"
+    inputs: Optional[str] = None
+    top_k: int = 3
+    predict_export: Optional[str] = None
     output_dir: str = "predictions"
     plot: bool = False
     warm_start_from: Optional[str] = None
@@ -174,6 +187,7 @@ class Config:
             "eval_batch_size",
             "save_checkpoints_steps",
             "log_every_n_steps",
+            "top_k",
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be a positive integer, got {getattr(self, name)}")
@@ -222,7 +236,8 @@ def model_fn(features, labels, mode, params, config=None):
             ``dropout_rate``, ``input_shape`` and ``num_classes`` (offered to builders that take
             them), ``class_names``, ``lr_schedule`` + ``decay_steps``, ``precision``,
             ``intermediates`` (add every layer's output to the predictions),
-            ``model_identity`` (recorded under ``MODEL_KEY`` when training) and
+            ``model_identity`` (recorded under ``MODEL_KEY`` when training),
+            ``dataset_identity`` (under ``provenance.DATASET_KEY``) and
             ``summary_steps`` (the model_fn then writes the training summaries itself, see
             :class:`SummaryHook`; the Estimator's ``save_summary_steps`` must be 0).
         config: The Estimator's ``RunConfig`` (only the chief writes summaries).
@@ -286,14 +301,19 @@ def _model_fn(features, labels, mode, params, config=None):
     updates = model.get_updates_for(None) + model.get_updates_for(images)
     train_op = tf.group(minimize, *updates)
     tf.compat.v1.add_to_collection(LOSS_COLLECTION, loss)  # for ProgressHook
-    if params.get("model_identity"):
-        # Saved with the checkpoints (not trained), so a mismatch can name the model trained.
-        tf.compat.v1.Variable(
-            params["model_identity"],
-            trainable=False,
-            name=MODEL_KEY,
-            collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES],
-        )
+    for key, identity in (
+        (MODEL_KEY, params.get("model_identity")),
+        (provenance.DATASET_KEY, params.get("dataset_identity")),
+    ):
+        if identity:
+            # Saved with the checkpoints (not trained), so a mismatch can name the model (or
+            # dataset) trained.
+            tf.compat.v1.Variable(
+                identity,
+                trainable=False,
+                name=key,
+                collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES],
+            )
     summaries = (images, labels, classes, learning_rate, layer_outputs)
     hooks = []
     if not params.get("summary_steps"):
@@ -740,6 +760,9 @@ def make_estimator(
         **model_params(config, spec),
         "class_names": class_names(spec),
         "model_identity": _identity_to_record(config),
+        "dataset_identity": (
+            provenance.dataset_record(spec) if provenance.should_record(config.model_dir) else None
+        ),
         "learning_rate": config.learning_rate,
         "lr_schedule": config.lr_schedule,
         "decay_steps": target_step(config, spec),
@@ -861,6 +884,11 @@ def resolve_checkpoint(config: Config) -> str:
     Whether it can be read, and fits the network, is :func:`check_checkpoint_fits`'s job.
     """
     path = config.checkpoint_path or config.model_dir
+    if config.checkpoint_path is None and not os.path.exists(path):
+        raise UsageError(
+            f"{path} does not exist: train first (--mode=train --model_dir={path}), or pass "
+            "the --model_dir (or --checkpoint_path) of a trained model"
+        )
     if os.path.isdir(path):
         latest = tf.train.latest_checkpoint(path)
         if latest is None:

@@ -93,7 +93,11 @@ def define_flags() -> None:
     f.DEFINE_bool("augment", False, "Shift training images randomly by up to --augment_shift px.")
     f.DEFINE_integer("augment_shift", 2, "Largest random shift in pixels.", lower_bound=0)
     f.DEFINE_enum(
-        "precision", "float32", ("float32", "mixed_bfloat16"), "Compute dtype (variables f32)."
+        "precision",
+        "auto",
+        ("auto", "float32", "mixed_bfloat16"),
+        "Compute dtype (variables stay float32); auto: mixed_bfloat16 where the devices have bf16 "
+        "arithmetic, float32 elsewhere.",
     )
     f.DEFINE_integer(
         "seed", None, "Seed everything random: reruns write bit-identical checkpoints."
@@ -126,6 +130,13 @@ def define_flags() -> None:
     f.DEFINE_enum("eval_split", "test", ("train", "test", "both"), "Split(s) to evaluate.")
     f.DEFINE_integer("eval_throttle_secs", 60, "train_and_evaluate: least seconds between evals.")
     f.DEFINE_enum("predict_split", "test", ("train", "test"), "predict: split to predict.")
+    f.DEFINE_string(
+        "inputs",
+        None,
+        "predict: new image files instead of --predict_split: a file, a folder (recursive) or a "
+        "glob; decoded as prepare did; with --export_dir, predicted by that export.",
+    )
+    f.DEFINE_integer("top_k", 3, "predict --inputs: classes per file in predictions.csv.")
     f.DEFINE_string("output_dir", None, "predict: CSV and plots (default predictions/<label>).")
     f.DEFINE_bool("plot", False, "predict: also write PNGs of sample digits and conv1 maps.")
     f.DEFINE_string("export_dir", None, "export: SavedModel parent (default exports/<label>).")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import math
 import os
 import re
@@ -28,6 +29,8 @@ import estimator_bridge as bridge
 import keras_models
 import onnx_export
 import preflight
+import provenance
+from data_pipeline import inputs
 from keras_models import keras3
 
 
@@ -48,9 +51,33 @@ def train(
     spec = data_pipeline.load_spec(config.data_dir)
     network = bridge.describe_network(config, spec)  # a model that cannot train stops here
     # Reads only: a refused resume writes nothing, not even a lock.
+    _check_same_dataset(config, spec)
     bridge.check_resumable(config, network)
     with preflight.trainer_lock(config.model_dir):
         return _train(config, spec, network, hooks)
+
+
+def _check_same_dataset(config: bridge.Config, spec) -> None:
+    """Training resumes only on the dataset the model dir was trained on."""
+    problem = provenance.check_same_dataset(config.model_dir, spec)
+    if problem:
+        raise bridge.UsageError(problem)
+
+
+def _noted(note: Optional[str], result: Dict[str, Any]) -> Dict[str, Any]:
+    """Returns ``result``, first printing the other-dataset note, if any.
+
+    Printed once the job has succeeded, so that an error stays the only line.
+    """
+    if note:
+        _info(note)
+    return result
+
+
+def _say_precision(config: bridge.Config) -> None:
+    """A training run's first line when ``--precision=auto`` chose: the precision and why."""
+    if config.precision_reason:
+        _info(f"precision: {config.precision} ({config.precision_reason})")
 
 
 def _preflight(config: bridge.Config, mode: str) -> None:
@@ -63,6 +90,7 @@ def _preflight(config: bridge.Config, mode: str) -> None:
 def _train(
     config: bridge.Config, spec, network, hooks: Sequence[tf.estimator.SessionRunHook]
 ) -> Dict[str, Any]:
+    _say_precision(config)
     warm_start = bridge.warm_start_settings(config, network, spec)
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
@@ -165,19 +193,22 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
+    note = provenance.other_dataset_note(checkpoint, spec, "evaluating")
     estimator = bridge.make_estimator(config, spec)
     splits = ("train", "test") if config.eval_split == "both" else (config.eval_split,)
     results = {}
     for split in splits:
+        # eval_<split>/, or eval_<split>-<dataset id>/ for another dataset's evaluation.
+        name = provenance.eval_name(checkpoint, spec, split)
         try:
             with data_pipeline.translate_disk_full(config.model_dir):
                 with data_pipeline.translate_errors(config.data_dir):
                     metrics = estimator.evaluate(
                         bridge.make_input_fn(config, split, False),
                         checkpoint_path=checkpoint,
-                        name=split,
+                        name=name,
                     )
-                results[split] = _summarise_eval(config, split, checkpoint, metrics)
+                results[split] = _summarise_eval(config, split, checkpoint, metrics, name)
         except data_pipeline.DiskFullError as full:
             done = [results[s]["confusion_matrix"] for s in results]
             kept = f"the checkpoint {checkpoint} is untouched" + "".join(
@@ -185,15 +216,17 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
             )
             raise full.with_kept(kept) from full.__cause__
     if len(splits) == 1:
-        return results[splits[0]]
+        return _noted(note, results[splits[0]])
     step = results["test"]["global_step"]
-    return {"split": "both", "global_step": step, "checkpoint": checkpoint, **results}
+    return _noted(note, {"split": "both", "global_step": step, "checkpoint": checkpoint, **results})
 
 
-def _summarise_eval(config: bridge.Config, split: str, checkpoint: str, metrics) -> Dict[str, Any]:
+def _summarise_eval(
+    config: bridge.Config, split: str, checkpoint: str, metrics, name: str
+) -> Dict[str, Any]:
     step = int(metrics["global_step"])
     matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
-    path = os.path.join(config.model_dir, f"eval_{split}", f"confusion_matrix-{step}.csv")
+    path = os.path.join(config.model_dir, f"eval_{name}", f"confusion_matrix-{step}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with data_pipeline.atomic_output(path) as tmp:
         np.savetxt(tmp, matrix, fmt="%d", delimiter=",")
@@ -218,12 +251,14 @@ def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
     _preflight(config, "train_and_evaluate")
     spec = data_pipeline.load_spec(config.data_dir)
     network = bridge.describe_network(config, spec)
+    _check_same_dataset(config, spec)
     bridge.check_resumable(config, network)
     with preflight.trainer_lock(config.model_dir):
         return _train_and_evaluate(config, spec, network)
 
 
 def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
+    _say_precision(config)
     warm_start = bridge.warm_start_settings(config, network, spec)
     estimator = bridge.make_estimator(config, spec, warm_start)
     target = bridge.target_step(config, spec)
@@ -275,7 +310,7 @@ def _higher_accuracy(best_eval_result, current_eval_result) -> bool:
 
 
 def predict(config: bridge.Config) -> Dict[str, Any]:
-    """Writes ``predictions-<split>.csv`` and optional plots.
+    """Writes ``predictions-<split>.csv`` and optional plots (new files: :func:`predict_inputs`).
 
     The CSV's columns are index, label, class, probability (of the predicted class), then
     label_name and class_name (the dataset's class names), and for a dataset prepared from an
@@ -284,10 +319,13 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
     Returns:
         ``{"csv", "examples", "accuracy", "checkpoint", "plots"}``.
     """
+    if config.inputs is not None:
+        return predict_inputs(config)
     _preflight(config, "predict")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
+    note = provenance.other_dataset_note(checkpoint, spec, "predicting")
     names = bridge.class_names(spec)
     keys = ["classes", "probabilities"]
     if config.plot and "conv1" in network.layers:
@@ -313,13 +351,16 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
             plots = _plot_predictions(config, samples, labels, names) if config.plot else []
     except data_pipeline.DiskFullError as full:
         raise full.with_kept(f"{csv_path} is complete") from full.__cause__
-    return {
-        "csv": csv_path,
-        "examples": count,
-        "accuracy": round(correct / max(count, 1), 6),
-        "checkpoint": checkpoint,
-        "plots": plots,
-    }
+    return _noted(
+        note,
+        {
+            "csv": csv_path,
+            "examples": count,
+            "accuracy": round(correct / max(count, 1), 6),
+            "checkpoint": checkpoint,
+            "plots": plots,
+        },
+    )
 
 
 def _write_predictions(
@@ -350,6 +391,147 @@ def _write_predictions(
 _PLOTTED_DIGITS = 16
 
 
+def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
+    """Classifies new image files (``config.inputs``) into ``output_dir/predictions.csv``.
+
+    The files are decoded, converted and resized as prepare did for ``data_dir``'s data
+    (:mod:`data_pipeline.inputs`) and predicted in batches by the checkpoint or, with
+    ``predict_export``, by that export through :func:`serving.load`. The CSV has one row per
+    file: ``file, class, class_name, probability``, then ``class_K, class_name_K,
+    probability_K`` for the next ``top_k - 1`` classes by probability (K = 2, 3, ...). It is
+    written under a temporary name and renamed at the end: a file that does not load stops the
+    run with one line naming it and leaves nothing behind.
+
+    Returns:
+        ``{"csv", "examples", "checkpoint", "export", "plots"}``.
+    """
+    _preflight(config, "predict")
+    spec = data_pipeline.load_spec(config.data_dir)
+    total = inputs.count_files(config.inputs)  # also: a missing --inputs stops here
+    checkpoint = note = None
+    if config.predict_export:
+        rows = _served_rows(config, spec)
+        next(rows)  # loads and checks the export now, before anything is written
+    else:
+        checkpoint = bridge.resolve_checkpoint(config)
+        network = bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
+        note = provenance.other_dataset_note(checkpoint, spec, "decoding the new images as")
+        keys = ["probabilities"] + (["conv1"] if config.plot and "conv1" in network.layers else [])
+        estimator = bridge.make_estimator(config, spec, intermediates=len(keys) > 1)
+        rows = estimator.predict(
+            lambda: inputs.make_dataset(config.inputs, spec, config.eval_batch_size),
+            predict_keys=keys,
+            checkpoint_path=checkpoint,
+        )
+    names = bridge.class_names(spec)
+    top_k = min(config.top_k, spec.num_classes)
+    created = not os.path.isdir(config.output_dir)
+    os.makedirs(config.output_dir, exist_ok=True)
+    csv_path = os.path.join(config.output_dir, "predictions.csv")
+    samples: List[Dict[str, np.ndarray]] = []
+    files = inputs.iter_files(config.inputs)
+    count = 0
+    try:
+        with open(csv_path + ".tmp", "w", newline="") as handle, _progress(config, total) as bar:
+            writer = csv.writer(handle)
+            header = ["file", "class", "class_name", "probability"]
+            for k in range(2, top_k + 1):
+                header += [f"class_{k}", f"class_name_{k}", f"probability_{k}"]
+            writer.writerow(header)
+            # rows first: its end closes the Estimator's generator and the graph it holds.
+            for row, path in zip(rows, files):
+                probabilities = np.asarray(row["probabilities"])
+                best = np.argsort(-probabilities, kind="stable")[:top_k]
+                line = [path]
+                for cls in best:
+                    line += [int(cls), names[cls], f"{probabilities[cls]:.6f}"]
+                writer.writerow(line)
+                count += 1
+                bar.update(1)
+                if len(samples) < _PLOTTED_DIGITS:
+                    samples.append({"classes": best[0], **row})
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
+        _discard(csv_path + ".tmp", config.output_dir if created else None)
+        failed = itertools.islice(inputs.iter_files(config.inputs), count, None)
+        raise inputs.bad_file_error(failed, spec, error) from None
+    except BaseException:
+        _discard(csv_path + ".tmp", config.output_dir if created else None)
+        raise
+    os.replace(csv_path + ".tmp", csv_path)
+    plots = []
+    if config.plot:
+        first = next(iter(inputs.make_dataset(config.inputs, spec, len(samples))))
+        plots = _plot_predictions(
+            config, samples, None, names, images=first["image"].numpy(), name="inputs"
+        )
+    return _noted(
+        note,
+        {
+            "csv": csv_path,
+            "examples": count,
+            "checkpoint": checkpoint,
+            "export": config.predict_export,
+            "plots": plots,
+        },
+    )
+
+
+def _served_rows(config: bridge.Config, spec):
+    """``{"probabilities": ...}`` per input file, from the export through ``serving.load``.
+
+    The first item is None, once the export is loaded and checked against ``spec``.
+    """
+    import serving
+
+    path = serving.latest_version(config.predict_export) or config.predict_export
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise bridge.UsageError(
+            f"--export_dir={config.predict_export} holds no SavedModel; export first "
+            "(--mode=export), or pass a folder that --mode=export wrote"
+        )
+    model = serving.load(path)
+    shape = model.inputs.get("image", (None, ()))[1][1:]
+    if tuple(shape) != tuple(spec.image_shape):
+        raise bridge.UsageError(
+            f"the export {path} takes images of shape {list(shape)}, but --data_dir="
+            f"{config.data_dir} holds {list(spec.image_shape)}; pass the --data_dir it was "
+            "trained on"
+        )
+    yield None  # the export is loaded and fits: predict_inputs goes on
+    for batch in inputs.make_dataset(config.inputs, spec, config.eval_batch_size):
+        for probabilities in model(image=batch["image"].numpy())["probabilities"]:
+            yield {"probabilities": probabilities}
+
+
+def _progress(config: bridge.Config, total: int):
+    """A tqdm bar over the files on a terminal; otherwise a stand-in that shows nothing."""
+    if config.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="image", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return _NoProgress()
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _discard(tmp: str, created_dir: Optional[str]) -> None:
+    """Removes a half-written file, and the output folder if this run made it (and it's empty)."""
+    with contextlib.suppress(OSError):
+        os.remove(tmp)
+    if created_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(created_dir)
+
+
 def _labels(config: bridge.Config, split: str) -> np.ndarray:
     """The split's labels in record order, read through the same pipeline."""
     dataset = data_pipeline.make_dataset(
@@ -358,20 +540,26 @@ def _labels(config: bridge.Config, split: str) -> np.ndarray:
     return np.concatenate([labels.numpy() for _, labels in dataset])
 
 
-def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[str]) -> List[str]:
+def _plot_predictions(
+    config: bridge.Config, samples, labels, names: Sequence[str], images=None, name=None
+) -> List[str]:
     """Writes a grid of the first images with their predictions and the conv1 feature maps.
 
     Images of any size are shown: one channel in grey, three or four as colour, others by
-    their first channel.
+    their first channel. ``images`` (and ``name``, for the file names) are given for new
+    image files, which have no ``labels`` (None): their titles are black.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    split = config.predict_split
-    features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
-    images = features["image"].numpy()
+    split = name or config.predict_split
+    if images is None:
+        features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
+        images = features["image"].numpy()
+    if labels is None:
+        labels = [None] * len(samples)
     if images.shape[-1] not in (3, 4):
         images = images[..., 0]
     fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
@@ -379,9 +567,10 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
         cls = int(row["classes"])
         ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
         title = f"{_short(names[cls])} ({row['probabilities'][cls]:.2f})"
-        if cls != label:
+        if label is not None and cls != label:
             title += f" ≠ {_short(names[label])}"
-        ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
+        color = "black" if label is None else "green" if cls == label else "red"
+        ax.set_title(title, color=color, fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
     model_name = keras_models.model_label(config.model)
@@ -442,6 +631,9 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)
     bridge.check_checkpoint_fits(config, checkpoint, spec=spec)
+    note = provenance.other_dataset_note(
+        checkpoint, spec, "exporting with the shape and class names of"
+    )
     estimator = bridge.make_estimator(config, spec)
     os.makedirs(config.export_dir, exist_ok=True)
     before = set(os.listdir(config.export_dir))
@@ -464,7 +656,7 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         if versions:
             kept.append(f"the earlier export {versions[-1]} in {config.export_dir} is untouched")
         raise full.with_kept(", ".join(kept) or "nothing was exported") from full.__cause__
-    return result
+    return _noted(note, result)
 
 
 def _export(config: bridge.Config, spec, estimator, checkpoint: str, result: Dict[str, Any]):

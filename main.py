@@ -23,8 +23,10 @@ def build_config():
     """One estimator_bridge.Config from the parsed flags."""
     import estimator_bridge
     import keras_models
+    import preflight
 
     label = keras_models.model_label(FLAGS.model)
+    precision, precision_reason = preflight.choose_precision(FLAGS.precision)
     return estimator_bridge.Config(
         model=FLAGS.model,
         model_params=keras_models.parse_model_params(FLAGS.model_params),
@@ -37,7 +39,8 @@ def build_config():
         learning_rate=FLAGS.learning_rate,
         lr_schedule=FLAGS.lr_schedule,
         dropout_rate=FLAGS.dropout_rate,
-        precision=FLAGS.precision,
+        precision=precision,
+        precision_reason=precision_reason,
         augment=FLAGS.augment,
         augment_shift=FLAGS.augment_shift,
         seed=FLAGS.seed,
@@ -47,6 +50,10 @@ def build_config():
         train_limit=FLAGS.limit,
         export_dir=FLAGS.export_dir or os.path.join("exports", label),
         predict_split=FLAGS.predict_split,
+        inputs=FLAGS.inputs,
+        top_k=FLAGS.top_k,
+        # predict --inputs: with --export_dir, the export predicts instead of the checkpoint.
+        predict_export=FLAGS.export_dir if FLAGS.inputs else None,
         output_dir=FLAGS.output_dir or os.path.join("predictions", label),
         plot=FLAGS.plot,
         warm_start_from=FLAGS.warm_start_from,

@@ -178,6 +178,53 @@ def gpu_compute_capabilities() -> List[Tuple[int, int]]:
     return capabilities
 
 
+def choose_precision(requested: str) -> Tuple[str, str]:
+    """Resolves ``--precision`` to a concrete one, with the reason (for the run's first line).
+
+    ``auto`` is ``mixed_bfloat16`` where the devices have bf16 arithmetic (see
+    :func:`missing_bf16_arithmetic`), ``float32`` elsewhere or where it cannot be told; any
+    other value is returned as it is. Called once, when the run's config is built, so the
+    model_fn, checkpoints and exports only ever see a concrete precision.
+
+    Returns:
+        ``(precision, reason)``, e.g. ``("mixed_bfloat16", "auto: this CPU has avx512_bf16")``;
+        the reason is ``""`` for a precision asked for by name.
+    """
+    if requested != "auto":
+        return requested, ""  # asked for by name: nothing to explain
+    missing = missing_bf16_arithmetic()
+    if missing is not None:
+        return "float32", f"auto: {missing}"
+    has = bf16_arithmetic()
+    if has is None:
+        return "float32", "auto: bf16 arithmetic could not be detected here"
+    return "mixed_bfloat16", f"auto: {has}"
+
+
+def bf16_arithmetic() -> Optional[str]:
+    """Which device feature gives bf16 arithmetic (``"this CPU has avx512_bf16"``), or None.
+
+    None where :func:`missing_bf16_arithmetic` finds something missing, and where it cannot be
+    told (no ``/proc/cpuinfo``, another architecture): auto then stays with float32.
+    """
+    capabilities = gpu_compute_capabilities()
+    if capabilities:
+        if all(c >= (8, 0) for c in capabilities):
+            listed = ", ".join(f"{c[0]}.{c[1]}" for c in capabilities)
+            return f"GPU compute capability {listed}"
+        return None
+    flags = cpu_flags()
+    if flags is None:
+        return None
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "i386"):
+        found = [flag for flag in X86_BF16_FLAGS if flag in flags]
+        return f"this CPU has {' and '.join(found)}" if found else None
+    if machine in ("aarch64", "arm64") and "bf16" in flags:
+        return "this CPU has bf16"
+    return None
+
+
 def warn_if_bf16_is_emulated(precision: str, stream=None) -> Optional[str]:
     """Prints one line (once per process) when ``mixed_bfloat16`` will run emulated.
 

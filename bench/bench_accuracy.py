@@ -41,6 +41,7 @@ import benchlib  # noqa: E402
 import estimator_bridge  # noqa: E402
 import jobs  # noqa: E402
 import keras_models  # noqa: E402
+import preflight  # noqa: E402
 
 # Test accuracy the tutorial's notebooks published, per network.
 PUBLISHED = {"cnn": 0.9890, "rnn": 0.9848, "birnn": 0.9791, "cnn_rnn": 0.9819}
@@ -82,7 +83,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=benchlib.csv_list, default=list(keras_models.MODEL_NAMES))
     parser.add_argument("--recipe", default="tutorial", choices=sorted(RECIPES))
-    parser.add_argument("--precision", default="float32", choices=estimator_bridge.PRECISIONS)
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=("auto", *estimator_bridge.PRECISIONS),
+        help="auto: as main.py resolves it (bf16 where the hardware has bf16 arithmetic).",
+    )
     parser.add_argument(
         "--epochs_scale",
         type=float,
@@ -200,6 +206,8 @@ def run_one(args, model: str, seed: int, data_dir: str) -> Dict[str, Any]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = benchlib.command_line(__file__, args, FLAG_ORDER)
+    args.precision, reason = preflight.choose_precision(args.precision)
+    print(f"precision: {args.precision} ({reason or 'asked for'})")
     info = benchlib.machine_info()
     benchlib.print_header(
         f"test accuracy via estimator_bridge, recipe {args.recipe!r}", command, info

@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--precision",
         default="float32",
-        choices=estimator_bridge.PRECISIONS,
-        help="For bridge and fit; the tutorial is float32 only.",
+        choices=("auto", *estimator_bridge.PRECISIONS),
+        help="For bridge and fit; the tutorial is float32 only. auto: as main.py resolves it.",
     )
     parser.add_argument(
         "--contenders",
@@ -357,6 +357,8 @@ def main(argv=None) -> int:
     benchlib.print_header(
         "training throughput: estimator_bridge vs tutorial model_fn vs Keras fit", command, info
     )
+    args.precision, reason = preflight.choose_precision(args.precision)
+    print(f"precision: {args.precision} ({reason or 'asked for'})")
     preflight.warn_if_bf16_is_emulated(args.precision, stream=sys.stdout)
     os.makedirs(args.work_dir, exist_ok=True)
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)

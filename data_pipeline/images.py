@@ -27,6 +27,9 @@ from data_pipeline.spec import check_class_names, check_image_shape
 
 # Keras' image_dataset_from_directory ALLOWLIST_FORMATS.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+# How images are resized when prepare is given an image_size (Keras' default), recorded in the
+# spec so predict fits new images the same way.
+RESIZE_METHOD = "bilinear"
 # Largest image decoded, in pixels (8192x8192): 256 MiB as RGBA, so two decoding threads stay
 # well inside prepare's memory budget.
 MAX_PIXELS = 1 << 26
@@ -38,6 +41,10 @@ _TOO_LARGE = "data_pipeline: image header too large"
 _WRONG_SIZE = "data_pipeline: image size differs"
 _ASSERTED = re.compile(
     r"(" + "|".join((_TOO_LARGE, _WRONG_SIZE)) + r")\] \[(.+?)\] \[(\d+)\] \[(\d+)\]"
+)
+# The same assertion run eagerly (one file decoded outside tf.data) prints its data as bytes.
+_ASSERTED_EAGERLY = re.compile(
+    r"Summarized data: b'(" + "|".join((_TOO_LARGE, _WRONG_SIZE)) + r")'\s+b'(.+?)'\s+(\d+)\s+(\d+)"
 )
 _FIX_SIZE = "pass --image_size=H,W to resize every image"
 
@@ -162,6 +169,7 @@ class ImageFolderSource(DataSource):
         if channels is None:
             channels = 1 if found_channels <= 2 else 3
         self._resize = image_size is not None
+        self.resize = RESIZE_METHOD if self._resize else None
         self.image_shape = (*(image_size or (height, width)), channels)
         self._first = first
         problem = check_image_shape(self.image_shape)
@@ -208,23 +216,7 @@ class ImageFolderSource(DataSource):
 
     def _load(self, path: tf.Tensor) -> tf.Tensor:
         """Reads, checks, decodes and (optionally) resizes one image to uint8 [H, W, C]."""
-        data = tf.io.read_file(path)
-        height, width = _header_size(data)
-        too_large = tf.debugging.Assert(
-            height * width <= MAX_PIXELS, [_TOO_LARGE, path, height, width], summarize=1
-        )
-        with tf.control_dependencies([too_large]):
-            image = tf.io.decode_image(data, channels=self.image_shape[2], expand_animations=False)
-        if self._resize:
-            image = tf.image.resize(image, self.image_shape[:2], method="bilinear")
-            image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-        else:
-            shape = tf.shape(image, out_type=tf.int64)
-            same = tf.reduce_all(tf.equal(shape[:2], self.image_shape[:2]))
-            check = tf.debugging.Assert(same, [_WRONG_SIZE, path, shape[0], shape[1]], summarize=1)
-            with tf.control_dependencies([check]):
-                image = tf.identity(image)
-        return tf.ensure_shape(image, self.image_shape)
+        return load_image(path, self.image_shape, self.resize)
 
     def _name_bad_file(self, error: tf.errors.OpError, paths: List[str]) -> DataError:
         """The DataError for a failed chunk, naming the file (decoded one by one if need be)."""
@@ -260,8 +252,58 @@ class ImageFolderSource(DataSource):
         )
 
 
+def load_image(path: tf.Tensor, image_shape: Tuple[int, ...], resize: Optional[str]) -> tf.Tensor:
+    """Reads, checks, decodes and (optionally) resizes one image file to uint8 ``image_shape``.
+
+    The one decoding path of image files: prepare uses it for the training data and
+    :mod:`data_pipeline.inputs` for new images to predict, so both see the same pixels.
+
+    Args:
+        path: Scalar string tensor.
+        image_shape: (H, W, C): the image is decoded to C channels (grey <-> RGB converted).
+        resize: None (an image of another size fails an in-graph assertion naming the file)
+            or ``"bilinear"`` (resized to H x W, rounded back to uint8).
+    """
+    data = tf.io.read_file(path)
+    height, width = _header_size(data)
+    too_large = tf.debugging.Assert(
+        height * width <= MAX_PIXELS, [_TOO_LARGE, path, height, width], summarize=1
+    )
+    with tf.control_dependencies([too_large]):
+        image = tf.io.decode_image(data, channels=image_shape[2], expand_animations=False)
+    if resize is not None:
+        image = tf.image.resize(image, image_shape[:2], method=resize)
+        image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    else:
+        shape = tf.shape(image, out_type=tf.int64)
+        same = tf.reduce_all(tf.equal(shape[:2], image_shape[:2]))
+        check = tf.debugging.Assert(same, [_WRONG_SIZE, path, shape[0], shape[1]], summarize=1)
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
+    return tf.ensure_shape(image, image_shape)
+
+
+def load_failure(error: tf.errors.OpError) -> Optional[Tuple[str, str, int, int]]:
+    """What :func:`load_image`'s assertion in ``error`` says, or None (a file that won't decode).
+
+    Returns:
+        ``("too_large" | "wrong_size", path, height, width)`` or None.
+    """
+    match = _ASSERTED.search(error.message or "") or _ASSERTED_EAGERLY.search(error.message or "")
+    if match is None:
+        return None
+    what, path, height, width = match.groups()
+    return ("too_large" if what == _TOO_LARGE else "wrong_size", path, int(height), int(width))
+
+
+def gist(error: tf.errors.OpError) -> str:
+    """The first words of a TensorFlow error, without its graph node names."""
+    return _gist(error)
+
+
 def _gist(error: tf.errors.OpError) -> str:
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message or str(error))
+    text = re.sub(r"\s*\[Op:\w+\]( name:\s*\S*)?", "", text)  # an eager op's trailer
     return " ".join(re.sub(r"\s*\[\[\{\{node .*", "", text).split()[:30])
 
 

@@ -91,12 +91,15 @@ class DataSource:
             are reused only for the same source.
         image_shape: (H, W, C) of every image.
         class_names: One name per class, in label order.
+        resize: How images were fitted to ``image_shape``: None (they had that size) or
+            ``"bilinear"`` (image folders prepared with an ``image_size``).
     """
 
     name: str
     checksum: str
     image_shape: Tuple[int, int, int]
     class_names: Tuple[str, ...]
+    resize: Optional[str] = None
 
     @property
     def split_names(self) -> Tuple[str, ...]:

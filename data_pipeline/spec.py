@@ -10,6 +10,7 @@ Specs written before class names existed load with the names ``"0" .. "N-1"``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -21,6 +22,8 @@ from data_pipeline.errors import DataError
 SPEC_NAME = "dataset_spec.json"
 FORMAT_VERSION = 1
 COMPRESSIONS = (None, "GZIP")
+# How prepare may have fitted image files to the spec's image_shape (None: not resized).
+RESIZE_METHODS = (None, "bilinear")
 # Temporary files start with this prefix; nothing reads them and prepare() deletes stale ones.
 TMP_PREFIX = ".tmp-"
 
@@ -250,6 +253,11 @@ class DatasetSpec:
             shards ("" in specs written before prepare could resume).
         manifests: Split -> file (beside the shards) listing each record's source file, one
             per line, for sources made of files (image folders).
+        resize: How prepare fitted decoded image files to ``image_shape``: None (no resizing:
+            every image had that size, or the source held arrays) or ``"bilinear"``. Image
+            files are decoded to ``image_shape[2]`` channels (grey <-> RGB converted). Specs
+            written before this key existed load as None. Predicting new image files
+            (``data_pipeline.inputs``) decodes them the same way.
     """
 
     features: Dict[str, FeatureSpec]
@@ -265,6 +273,7 @@ class DatasetSpec:
     class_names: Tuple[str, ...] = ()
     fingerprint: str = ""
     manifests: Dict[str, str] = dataclasses.field(default_factory=dict)
+    resize: Optional[str] = None
 
     def __post_init__(self):
         # Specs written before class names existed: classes are named by their index. Only
@@ -279,6 +288,24 @@ class DatasetSpec:
     def num_records(self, split: str) -> int:
         """Returns the number of records in ``split``."""
         return self._split(split).num_records
+
+    @property
+    def dataset_id(self) -> str:
+        """A digest of what the records hold (16 hex digits).
+
+        It covers the source's checksum, the image shape, the resizing, the class names and each
+        split's record count, and not how the records are stored (shard size, compression,
+        folder): the same data prepared into another folder or with other shards has the same
+        id. Checkpoints record it (``provenance``) to tell which dataset a model was trained on.
+        """
+        content = {
+            "source": self.source_checksum,
+            "image_shape": list(self.image_shape),
+            "resize": self.resize,
+            "class_names": list(self.class_names),
+            "records": {name: split.num_records for name, split in sorted(self.splits.items())},
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def shard_records(self, split: str) -> List[int]:
         """Returns the record count of each of ``split``'s shards, in order."""
@@ -305,6 +332,7 @@ class DatasetSpec:
             "records_per_shard": self.records_per_shard,
             "fingerprint": self.fingerprint,
             "manifests": dict(self.manifests),
+            "resize": self.resize,
             "features": {name: f.to_json() for name, f in self.features.items()},
             "splits": {
                 name: {
@@ -365,6 +393,7 @@ class DatasetSpec:
                     _text(k, "split"): _text(v, "manifest")
                     for k, v in _dict(obj.get("manifests", {}), "manifests").items()
                 },
+                resize=obj.get("resize"),
             )
         except DataError:
             raise
@@ -380,6 +409,8 @@ class DatasetSpec:
 
         if self.compression not in COMPRESSIONS:
             raise bad(f"unknown compression {self.compression!r:.40}")
+        if self.resize not in RESIZE_METHODS:
+            raise bad(f"unknown resize {self.resize!r:.40}")
         # Anything outside these bounds would fail deep inside TensorFlow (or allocate absurd
         # tensors) instead of here.
         problem = check_image_shape(self.image_shape) or check_class_names(

@@ -544,6 +544,7 @@ def _write_all(
         class_names=tuple(source.class_names),
         fingerprint=done.fingerprint,
         manifests=manifests,
+        resize=getattr(source, "resize", None),
     )
     _remove_unlisted_shards(data_dir, spec)
     _fsync_dir(data_dir)

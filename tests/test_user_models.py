@@ -267,7 +267,13 @@ def test_only_the_projects_own_networks_are_described_once_per_process(mnist_dat
 
 
 def _cli(cwd, *args):
-    """``main.py ARGS`` run from ``cwd`` in this process, with ``tests/`` on the import path."""
+    """``main.py ARGS`` run from ``cwd`` in this process, with ``tests/`` on the import path.
+
+    In float32 unless ARGS name a precision: the exports are compared with float32
+    Estimators and Keras models, whatever ``--precision=auto`` picks on this machine.
+    """
+    if not any(arg.startswith("--precision") for arg in args):
+        args = (*args, "--precision=float32")
     return run_cli(*args, cwd=cwd, pythonpath=[TESTS])
 
 
