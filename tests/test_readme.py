@@ -9,9 +9,9 @@ import sys
 
 import pytest
 from absl import flags as absl_flags
+from cli_helpers import MAIN, REPO
 
 import flags
-from cli_helpers import MAIN, REPO
 
 README = pathlib.Path(REPO) / "README.md"
 
@@ -30,7 +30,7 @@ ARRIVING_VALUES = {}
 
 
 def readme_commands():
-    """Each `main.py` command of README.md's bash code blocks, as its argument list after main.py."""
+    """Each `main.py` command in README.md's bash blocks, as its arguments after main.py."""
     text = README.read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
