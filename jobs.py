@@ -127,19 +127,21 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
             metrics = estimator.evaluate(
                 bridge.make_input_fn(config, split, False), checkpoint_path=checkpoint, name=split
             )
-        results[split] = _summarise_eval(config, split, checkpoint, metrics)
+        results[split] = _summarise_eval(config, split, checkpoint, metrics, spec.class_names)
     if len(splits) == 1:
         return results[splits[0]]
     step = results["test"]["global_step"]
     return {"split": "both", "global_step": step, "checkpoint": checkpoint, **results}
 
 
-def _summarise_eval(config: bridge.Config, split: str, checkpoint: str, metrics) -> Dict[str, Any]:
+def _summarise_eval(
+    config: bridge.Config, split: str, checkpoint: str, metrics, class_names: Sequence[str]
+) -> Dict[str, Any]:
     step = int(metrics["global_step"])
     matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     path = os.path.join(config.model_dir, f"eval_{split}", f"confusion_matrix-{step}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savetxt(path, matrix, fmt="%d", delimiter=",")
+    write_confusion_matrix(path, matrix, class_names)
     return {
         "split": split,
         "accuracy": round(float(metrics["accuracy"]), 6),
@@ -150,6 +152,26 @@ def _summarise_eval(config: bridge.Config, split: str, checkpoint: str, metrics)
         "checkpoint": checkpoint,
         "confusion_matrix": path,
     }
+
+
+def write_confusion_matrix(path: str, matrix: np.ndarray, class_names: Sequence[str]) -> None:
+    """Writes ``matrix`` (rows: true class) as CSV, the class names as header row and first column.
+
+    The top-left cell says which way the matrix reads; written under a temporary name, then renamed.
+    """
+    with open(path + ".tmp", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, matrix):
+            writer.writerow([name, *(int(count) for count in row)])
+    os.replace(path + ".tmp", path)
+
+
+def read_confusion_matrix(path: str):
+    """Reads what ``write_confusion_matrix`` wrote: ``(class_names, int64 matrix)``."""
+    with open(path, newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    return header[1:], np.array([[int(c) for c in row[1:]] for row in rows], dtype=np.int64)
 
 
 def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:

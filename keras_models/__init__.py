@@ -13,7 +13,15 @@ model each call (see :mod:`keras_models.resolve`).
 Importing this package imports TensorFlow and ``tf_keras`` but never ``tensorflow_estimator``.
 """
 
+import os
+import sys
 from typing import Callable, Tuple
+
+# TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
+# cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
+# unless the user chose a level, and only if TensorFlow is not imported yet (else it is too late).
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import tf_keras as keras
 

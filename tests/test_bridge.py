@@ -223,7 +223,11 @@ def test_train_reaches_target_step_and_learns(trained_cnn):
     assert metrics["global_step"] == 60 and metrics["examples"] == 500
     assert metrics["accuracy"] > 0.7  # 60 steps of 64 real digits: far above chance (0.1)
     assert 0 < metrics["loss"] < 1.5
-    matrix = np.loadtxt(metrics["confusion_matrix"], delimiter=",")
+    names, matrix = jobs.read_confusion_matrix(metrics["confusion_matrix"])
+    assert names == [str(digit) for digit in range(10)]  # the spec's class names
+    with open(metrics["confusion_matrix"]) as handle:
+        assert handle.readline().strip() == "true \\ predicted," + ",".join(names)
+        assert all(line.startswith(f"{name},") for line, name in zip(handle, names))
     assert matrix.shape == (10, 10) and matrix.sum() == 500
     assert np.trace(matrix) / 500 == pytest.approx(metrics["accuracy"], abs=1e-6)
 
