@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from typing import Any, Dict, List, Sequence
@@ -260,10 +261,11 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
         config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
     )
     labels = _labels(config, split)
+    plotted = set(sample_indices(labels, _PLOTTED_DIGITS)) if config.plot else set()
     files = spec.record_files(split)  # None unless prepared from an image folder
     os.makedirs(config.output_dir, exist_ok=True)
     csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
-    samples: List[Dict[str, np.ndarray]] = []
+    samples: Dict[int, Dict[str, np.ndarray]] = {}
     correct = count = 0
     # Written under a temporary name: an interrupted run leaves no complete-looking CSV.
     errors = data_pipeline.translate_errors(config.data_dir)
@@ -279,8 +281,8 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
             writer.writerow([index, label, cls, probability, names[label], names[cls], *source])
             correct += cls == label
             count += 1
-            if len(samples) < _PLOTTED_DIGITS:
-                samples.append(prediction)
+            if index in plotted:
+                samples[index] = prediction
     os.replace(csv_path + ".tmp", csv_path)
     plots = _plot_predictions(config, samples, labels, names) if config.plot else []
     return {
@@ -295,6 +297,25 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
 _PLOTTED_DIGITS = 16
 
 
+def sample_indices(labels: Sequence[int], count: int) -> List[int]:
+    """Which records to plot: ``count`` of them spanning the classes, the same every time.
+
+    Round robin over the classes present (the first image of each, then the second, ...); with
+    more classes than ``count``, ``count`` classes evenly spread over them. In record order.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) > count:
+        present = present[np.linspace(0, len(present) - 1, count).round().astype(int)]
+    queues = [np.flatnonzero(labels == label) for label in present]
+    chosen: List[int] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        chosen.extend(int(q[depth]) for q in queues if depth < len(q))
+        if len(chosen) >= count:
+            break
+    return sorted(chosen[:count])
+
+
 def _labels(config: bridge.Config, split: str) -> np.ndarray:
     """The split's labels in record order, read through the same pipeline."""
     dataset = data_pipeline.make_dataset(
@@ -303,11 +324,16 @@ def _labels(config: bridge.Config, split: str) -> np.ndarray:
     return np.concatenate([labels.numpy() for _, labels in dataset])
 
 
-def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[str]) -> List[str]:
-    """Writes a grid of the first images with their predictions and the conv1 feature maps.
+def _plot_predictions(
+    config: bridge.Config, samples: Dict[int, Dict[str, np.ndarray]], labels, names
+) -> List[str]:
+    """Writes a grid of the sampled images with their predictions and the conv1 feature maps.
 
-    Images of any size are shown: one channel in grey, three or four as colour, others by
-    their first channel.
+    Args:
+        config: The run's config (split, output folder, model label).
+        samples: Record index -> its prediction, for the records :func:`sample_indices` chose.
+        labels: Every record's label.
+        names: The class names.
     """
     import matplotlib
 
@@ -315,27 +341,16 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
     import matplotlib.pyplot as plt
 
     split = config.predict_split
-    features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
-    images = features["image"].numpy()
-    if images.shape[-1] not in (3, 4):
-        images = images[..., 0]
-    fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
-    for ax, image, row, label in zip(axes.flat, images, samples, labels):
-        cls = int(row["classes"])
-        ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
-        title = f"{_short(names[cls])} ({row['probabilities'][cls]:.2f})"
-        if cls != label:
-            title += f" ≠ {_short(names[label])}"
-        ax.set_title(title, color="green" if cls == label else "red", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
+    images = _images_at(config, split, sorted(samples))
+    rows = [(images[i], samples[i], int(labels[i])) for i in sorted(samples)]
     model_name = keras_models.model_label(config.model)
-    fig.suptitle(f"{model_name}: predicted class (probability); red: wrong, ≠ true label")
+    fig = samples_figure(rows, names, model_name)
     paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    maps = np.asarray(samples[0]["conv1"]) if samples and "conv1" in samples[0] else None
+    first = samples[min(samples)] if samples else {}
+    maps = np.asarray(first["conv1"]) if "conv1" in first else None
     if maps is not None and maps.ndim in (2, 3):
         if maps.ndim == 2:  # Conv1D: [rows, channels], one image
             fig, ax = plt.subplots(figsize=(6, 3))
@@ -351,11 +366,66 @@ def _plot_predictions(config: bridge.Config, samples, labels, names: Sequence[st
                 if channel < maps.shape[-1]:
                     ax.imshow(maps[..., channel], cmap="viridis")
                     ax.set_title(str(channel), fontsize=7)
-        fig.suptitle(f"{model_name}: conv1 feature maps of the first {split} image")
+        fig.suptitle(f"{_short(model_name, 40)}: conv1 feature maps of a {split} image")
         paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
     return paths
+
+
+def _images_at(config: bridge.Config, split: str, indices: Sequence[int]) -> Dict[int, Any]:
+    """The images of records ``indices`` of a split, read in record order until the last one."""
+    wanted, found, start = set(indices), {}, 0
+    dataset = data_pipeline.make_dataset(
+        config.data_dir, split, 256, num_epochs=1, limit=config.eval_limit
+    )
+    for features, _ in dataset:
+        batch = features["image"].numpy()
+        for offset in wanted.intersection(range(start, start + len(batch))):
+            found[offset] = batch[offset - start]
+        start += len(batch)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def samples_figure(rows, names: Sequence[str], model_name: str):
+    """A 4x4 grid of ``(image, prediction, label)`` rows, each captioned with its prediction.
+
+    Images of any size are shown: one channel in grey, three or four as colour, others by their
+    first channel. Captions stay inside their cell whatever the class names (long names are
+    cut with an ellipsis; a wrong prediction puts the true class on a second line).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 4, figsize=(7, 8.2))
+    for ax, (image, row, label) in zip(axes.flat, rows):
+        if image.shape[-1] not in (3, 4):
+            image = image[..., 0]
+        cls = int(row["classes"])
+        ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+        title = f"{_wrap(names[cls], 2)} {row['probabilities'][cls]:.2f}"
+        if cls != label:
+            title += f"\n≠ {_wrap(names[label], 1)}"
+        ax.set_title(title, color="green" if cls == label else "red", fontsize=7.5)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(
+        f"{_short(model_name, 40)}: predicted class and probability\n"
+        "green: right; red: wrong, ≠ the true class",
+        fontsize=10,
+    )
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=0.86, wspace=0.15, hspace=0.6)
+    return fig
+
+
+def _wrap(name: str, lines: int, width: int = 20) -> str:
+    """``name`` on at most ``lines`` lines of ``width`` characters, the rest cut (…)."""
+    wrapped = textwrap.wrap(name, width, break_long_words=True) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = _short(wrapped[-1] + " …", width)
+    return "\n".join(wrapped)
 
 
 def _short(name: str, width: int = 10) -> str:

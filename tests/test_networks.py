@@ -137,6 +137,13 @@ for number, path in enumerate(paths):
         examples=examples)["probabilities"]
     classify = serving.load(path, "examples:classification")(inputs=examples)
     out["serving_classification"] = classify["scores"]
+    # class_names (strings) beside the numbers, on every raw-image path and the examples one.
+    names = {
+        "names_xla": np.concatenate(
+            [xla(image=images[:5])["class_names"], xla(image=images[5:])["class_names"]]),
+        "names_session": session(image=images)["class_names"],
+        "names_examples": serving.load(path, "examples:predict")(examples=examples)["class_names"],
+    }
     assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
 
     # TF Serving's loader.
@@ -157,14 +164,7 @@ for number, path in enumerate(paths):
     out["tf2_classification"] = signatures["examples:classification"](
         inputs=tf.constant(examples))["scores"].numpy()
     classes = raw["classes"].numpy()
-    # class_names (strings) beside the numbers, on every raw-image path and the examples one.
-    names = {
-        "names_xla": np.concatenate(
-            [xla(image=images[:5])["class_names"], xla(image=images[5:])["class_names"]]),
-        "names_session": session(image=images)["class_names"],
-        "names_examples": serving.load(path, "examples:predict")(examples=examples)["class_names"],
-        "names_tf2": raw["class_names"].numpy(),
-    }
+    names["names_tf2"] = raw["class_names"].numpy()
 
     # `saved_model_cli show --all`, through the console script's own entry point.
     shown = io.StringIO()
