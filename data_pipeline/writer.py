@@ -359,19 +359,23 @@ def _write_run(
         path = data_dir / shard.name
         tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}-{shard.name}")
         need = shard.count
-        with tf.io.TFRecordWriter(str(tmp), options) as writer:
-            while need:
-                if labels is None or offset == len(labels):
-                    images, labels = next(chunks)
-                    offset = 0
-                take = min(need, len(labels) - offset)
-                for record in encoder.encode_many(
-                    images[offset : offset + take], labels[offset : offset + take]
-                ):
-                    writer.write(record)
-                offset += take
-                need -= take
-                on_records(take)
+        try:
+            with tf.io.TFRecordWriter(str(tmp), options) as writer:
+                while need:
+                    if labels is None or offset == len(labels):
+                        images, labels = next(chunks)
+                        offset = 0
+                    take = min(need, len(labels) - offset)
+                    for record in encoder.encode_many(
+                        images[offset : offset + take], labels[offset : offset + take]
+                    ):
+                        writer.write(record)
+                    offset += take
+                    need -= take
+                    on_records(take)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # A shard cut short is of no use: leave no trace of it.
+            raise
         finish(tmp, path, shard.name)
 
 

@@ -174,6 +174,7 @@ for number, path in enumerate(paths):
             saved_model_cli.main()
         except SystemExit as exit_:
             assert not exit_.code, exit_.code
+    names = {key: np.asarray(value, dtype="S") for key, value in names.items()}
     np.savez(os.path.join(folder, f"out{number}.npz"), classes=classes, **names, **out)
     open(os.path.join(folder, f"shown{number}.txt"), "w").write(shown.getvalue())
 """

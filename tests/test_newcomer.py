@@ -120,3 +120,25 @@ def test_samples_plot_fits_long_class_names(tmp_path):
     # The captions name 16 different true classes (red ones name theirs on a second line).
     shown = {int(test_labels[i]) for i in chosen}
     assert len(shown) == 16
+
+
+def test_a_corrupt_image_is_named_and_leaves_no_temporary_shard(digits_folder, tmp_path):
+    import shutil
+
+    import pytest
+
+    import data_pipeline
+    from data_pipeline.writer import TMP_PREFIX
+
+    source = tmp_path / "src"
+    shutil.copytree(digits_folder, source)
+    files = sorted((source / "train").rglob("*.png"))
+    bad = files[len(files) // 2]  # amid a chunk of ~1,500 good images
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG: its header reads, its data do not
+    data_dir = tmp_path / "data"
+    with pytest.raises(data_pipeline.DataError, match="cannot decode the image") as raised:
+        data_pipeline.prepare(str(data_dir), source_dir=str(source), records_per_shard=500)
+    assert str(bad) in str(raised.value)
+    left = sorted(p.name for p in data_dir.iterdir())
+    assert not [name for name in left if name.startswith(TMP_PREFIX)], left
+    assert "dataset_spec.json" not in left
