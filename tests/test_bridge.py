@@ -68,6 +68,11 @@ def test_predict_spec(name, real_batch):
     assert layers - {"image"} <= set(p)
     assert "dense1" in p and p["dense1"].shape.as_list() == [BATCH, 1024]
     assert set(spec.export_outputs) == {"serving_default", "classification", "predict"}
+    default = spec.export_outputs["serving_default"].outputs
+    assert set(default) == {"classes", "class_names", "probabilities"}
+    assert set(spec.export_outputs["predict"].outputs) == {*p, "class_names"}
+    assert default["class_names"].dtype == tf.string
+    assert default["class_names"].shape.as_list() == [BATCH]
     assert spec.loss is None and spec.train_op is None
     # Exports keep each GRU's cuDNN variant, for a server with a GPU.
     assert bool(_cudnn_variants(graph)) == (name != "cnn")
