@@ -529,19 +529,22 @@ def _export_outputs(
     """Serving signatures: a small predict signature, a classification one, and everything.
 
     The classification signature's ``classes`` are the dataset's class names (``"0"`` ...
-    ``"N-1"`` when it has none).
+    ``"N-1"`` when it has none); the others add ``class_names``, each row's predicted name.
     """
     probabilities = predictions["probabilities"]
     num_classes = int(probabilities.shape[-1])
-    names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    classes = tf.tile(tf.constant([names], tf.string), [tf.shape(probabilities)[0], 1])
+    names = tf.constant(
+        list(class_names) if class_names else [str(i) for i in range(num_classes)], tf.string
+    )
+    classes = tf.tile(names[None], [tf.shape(probabilities)[0], 1])
+    named = {"class_names": tf.gather(names, predictions["classes"], name="class_names")}
     export = tf.estimator.export
     return {
         "serving_default": export.PredictOutput(
-            {"classes": predictions["classes"], "probabilities": probabilities}
+            {"classes": predictions["classes"], "probabilities": probabilities, **named}
         ),
         "classification": export.ClassificationOutput(scores=probabilities, classes=classes),
-        "predict": export.PredictOutput(dict(predictions)),
+        "predict": export.PredictOutput({**predictions, **named}),
     }
 
 

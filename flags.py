@@ -1,5 +1,7 @@
 """Command-line flags; only ``main.py`` and this module touch absl flags."""
 
+import textwrap
+
 from absl import flags
 
 MODES = ("prepare", "train", "evaluate", "train_and_evaluate", "predict", "export")
@@ -7,6 +9,94 @@ MODES = ("prepare", "train", "evaluate", "train_and_evaluate", "predict", "expor
 MODEL_NAMES = ("birnn", "cnn", "cnn_rnn", "rnn")
 # distribution.STRATEGIES, repeated so `--help` does not import the project.
 DISTRIBUTIONS = ("none", "mirrored", "multi_worker_mirrored", "parameter_server")
+
+# What `main.py --help` shows: the flags by task, in this order. A name not defined (yet) is
+# skipped; a defined flag in no group is shown under "other" (and every one is in --helpfull).
+HELP_GROUPS = (
+    ("every job", ("mode", "model", "model_params", "data_dir", "model_dir", "seed")),
+    (
+        "prepare: images or MNIST into TFRecord shards",
+        (
+            "source_dir",
+            "image_size",
+            "channels",
+            "records_per_shard",
+            "shard_mb",
+            "gzip",
+            "overwrite",
+            "prepare_engine",
+            "beam_options",
+        ),
+    ),
+    (
+        "train (also train_and_evaluate)",
+        (
+            "epochs",
+            "train_steps",
+            "batch_size",
+            "learning_rate",
+            "lr_schedule",
+            "dropout_rate",
+            "augment",
+            "augment_shift",
+            "precision",
+            "warm_start_from",
+            "limit",
+            "save_checkpoints_steps",
+            "keep_checkpoint_max",
+            "log_every_n_steps",
+        ),
+    ),
+    (
+        "evaluate",
+        ("eval_split", "checkpoint_path", "eval_batch_size", "eval_throttle_secs"),
+    ),
+    ("predict", ("predict_split", "inputs", "top_k", "output_dir", "plot")),
+    (
+        "export",
+        ("export_dir", "keras_output", "keras_format", "unsafe_deserialization"),
+    ),
+    (
+        "threads and clusters",
+        ("distribution", "intra_op_threads", "inter_op_threads"),
+    ),
+)
+
+
+def help_text(flag_values, usage: str) -> str:
+    """The short ``--help`` page: ``usage``, then one line per flag, grouped by task.
+
+    Args:
+        flag_values: the absl ``FlagValues`` holding the flags ``define_flags`` defined.
+        usage: text printed first (main.py's docstring).
+    """
+    ours = {flag.name: flag for flag in flag_values.get_flags_for_module(__name__)}
+    grouped = [(title, [n for n in names if n in ours]) for title, names in HELP_GROUPS]
+    listed = {name for _, names in grouped for name in names}
+    grouped.append(("other", sorted(set(ours) - listed)))
+    lines = [usage.strip(), ""]
+    for title, names in grouped:
+        if not names:
+            continue
+        lines.append(f"{title}:")
+        for name in names:
+            flag = ours[name]
+            if flag.boolean:
+                head = f"--[no]{name}"
+            else:
+                default = "" if flag.default is None else flag.default_as_str.strip("'")
+                head = f"--{name}={default}"
+            lines.extend(
+                textwrap.wrap(
+                    " ".join(flag.help.split()),
+                    width=100,
+                    initial_indent=f"  {head:<29} " if len(head) < 30 else f"  {head}  ",
+                    subsequent_indent=" " * 32,
+                )
+            )
+        lines.append("")
+    lines.append("--helpfull: every flag with its full text, absl's own included.")
+    return "\n".join(lines)
 
 
 def define_flags() -> None:
@@ -80,7 +170,10 @@ def define_flags() -> None:
     f.DEFINE_integer("batch_size", 128, "Training batch size (the tutorial's 128).")
     f.DEFINE_integer("eval_batch_size", 1000, "Evaluation and prediction batch size.")
     f.DEFINE_float(
-        "epochs", 1.0, "Train until this many passes over the train split (from step 0)."
+        "epochs",
+        1.0,
+        "Train until global step ceil(epochs x the train split's records / --batch_size), "
+        "counted from step 0 (a rerun resumes; raise it to train further).",
     )
     f.DEFINE_integer(
         "train_steps", None, "Train until this global step; overrides --epochs (from step 0)."

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -208,7 +209,9 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
                         checkpoint_path=checkpoint,
                         name=name,
                     )
-                results[split] = _summarise_eval(config, split, checkpoint, metrics, name)
+                results[split] = _summarise_eval(
+                    config, split, checkpoint, metrics, name, spec.class_names
+                )
         except data_pipeline.DiskFullError as full:
             done = [results[s]["confusion_matrix"] for s in results]
             kept = f"the checkpoint {checkpoint} is untouched" + "".join(
@@ -222,14 +225,18 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
 
 
 def _summarise_eval(
-    config: bridge.Config, split: str, checkpoint: str, metrics, name: str
+    config: bridge.Config,
+    split: str,
+    checkpoint: str,
+    metrics,
+    name: str,
+    class_names: Sequence[str],
 ) -> Dict[str, Any]:
     step = int(metrics["global_step"])
     matrix = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
     path = os.path.join(config.model_dir, f"eval_{name}", f"confusion_matrix-{step}.csv")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with data_pipeline.atomic_output(path) as tmp:
-        np.savetxt(tmp, matrix, fmt="%d", delimiter=",")
+    write_confusion_matrix(path, matrix, class_names)
     return {
         "split": split,
         "accuracy": round(float(metrics["accuracy"]), 6),
@@ -240,6 +247,25 @@ def _summarise_eval(
         "checkpoint": checkpoint,
         "confusion_matrix": path,
     }
+
+
+def write_confusion_matrix(path: str, matrix: np.ndarray, class_names: Sequence[str]) -> None:
+    """Writes ``matrix`` (rows: true class) as CSV, the class names as header row and first column.
+
+    The top-left cell says which way the matrix reads; written under a temporary name, then renamed.
+    """
+    with data_pipeline.atomic_output(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true \\ predicted", *class_names])
+        for name, row in zip(class_names, matrix):
+            writer.writerow([name, *(int(count) for count in row)])
+
+
+def read_confusion_matrix(path: str):
+    """Reads what ``write_confusion_matrix`` wrote: ``(class_names, int64 matrix)``."""
+    with open(path, newline="") as handle:
+        header, *rows = list(csv.reader(handle))
+    return header[1:], np.array([[int(c) for c in row[1:]] for row in rows], dtype=np.int64)
 
 
 def train_and_evaluate(config: bridge.Config) -> Dict[str, Any]:
@@ -336,13 +362,23 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
         config.data_dir, split, config.eval_batch_size, num_epochs=1, limit=config.eval_limit
     )
     labels = _labels(config, split)
+    plotted = set(sample_indices(labels, _PLOTTED_DIGITS)) if config.plot else set()
     files = spec.record_files(split)  # None unless prepared from an image folder
     os.makedirs(config.output_dir, exist_ok=True)
     csv_path = os.path.join(config.output_dir, f"predictions-{split}.csv")
     try:
         with data_pipeline.translate_disk_full(csv_path):
             count, correct, samples = _write_predictions(
-                config, estimator, input_fn, keys, checkpoint, csv_path, labels, names, files
+                config,
+                estimator,
+                input_fn,
+                keys,
+                checkpoint,
+                csv_path,
+                labels,
+                names,
+                files,
+                plotted,
             )
     except data_pipeline.DiskFullError as full:
         raise full.with_kept(f"no new {os.path.basename(csv_path)} was written") from full.__cause__
@@ -364,10 +400,10 @@ def predict(config: bridge.Config) -> Dict[str, Any]:
 
 
 def _write_predictions(
-    config, estimator, input_fn, keys, checkpoint, csv_path, labels, names, files
+    config, estimator, input_fn, keys, checkpoint, csv_path, labels, names, files, plotted
 ):
     """Writes the predictions CSV; returns ``(count, correct, samples)`` (samples to plot)."""
-    samples: List[Dict[str, np.ndarray]] = []
+    samples: Dict[int, Dict[str, np.ndarray]] = {}
     correct = count = 0
     # Written under a temporary name: an interrupted or failed run leaves no complete-looking CSV.
     errors = data_pipeline.translate_errors(config.data_dir)
@@ -383,8 +419,8 @@ def _write_predictions(
             writer.writerow([index, label, cls, probability, names[label], names[cls], *source])
             correct += cls == label
             count += 1
-            if len(samples) < _PLOTTED_DIGITS:
-                samples.append(prediction)
+            if index in plotted:
+                samples[index] = prediction
     return count, correct, samples
 
 
@@ -428,7 +464,7 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
     created = not os.path.isdir(config.output_dir)
     os.makedirs(config.output_dir, exist_ok=True)
     csv_path = os.path.join(config.output_dir, "predictions.csv")
-    samples: List[Dict[str, np.ndarray]] = []
+    samples: Dict[int, Dict[str, np.ndarray]] = {}
     files = inputs.iter_files(config.inputs)
     count = 0
     try:
@@ -449,7 +485,7 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
                 count += 1
                 bar.update(1)
                 if len(samples) < _PLOTTED_DIGITS:
-                    samples.append({"classes": best[0], **row})
+                    samples[len(samples)] = {"classes": best[0], **row}
     except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
         _discard(csv_path + ".tmp", config.output_dir if created else None)
         failed = itertools.islice(inputs.iter_files(config.inputs), count, None)
@@ -461,9 +497,8 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
     plots = []
     if config.plot:
         first = next(iter(inputs.make_dataset(config.inputs, spec, len(samples))))
-        plots = _plot_predictions(
-            config, samples, None, names, images=first["image"].numpy(), name="inputs"
-        )
+        images = dict(enumerate(first["image"].numpy()))
+        plots = _plot_predictions(config, samples, None, names, images=images, name="inputs")
     return _noted(
         note,
         {
@@ -532,6 +567,25 @@ def _discard(tmp: str, created_dir: Optional[str]) -> None:
             os.rmdir(created_dir)
 
 
+def sample_indices(labels: Sequence[int], count: int) -> List[int]:
+    """Which records to plot: ``count`` of them spanning the classes, the same every time.
+
+    Round robin over the classes present (the first image of each, then the second, ...); with
+    more classes than ``count``, ``count`` classes evenly spread over them. In record order.
+    """
+    labels = np.asarray(labels)
+    present = np.unique(labels)
+    if len(present) > count:
+        present = present[np.linspace(0, len(present) - 1, count).round().astype(int)]
+    queues = [np.flatnonzero(labels == label) for label in present]
+    chosen: List[int] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        chosen.extend(int(q[depth]) for q in queues if depth < len(q))
+        if len(chosen) >= count:
+            break
+    return sorted(chosen[:count])
+
+
 def _labels(config: bridge.Config, split: str) -> np.ndarray:
     """The split's labels in record order, read through the same pipeline."""
     dataset = data_pipeline.make_dataset(
@@ -541,13 +595,22 @@ def _labels(config: bridge.Config, split: str) -> np.ndarray:
 
 
 def _plot_predictions(
-    config: bridge.Config, samples, labels, names: Sequence[str], images=None, name=None
+    config: bridge.Config,
+    samples: Dict[int, Dict[str, np.ndarray]],
+    labels,
+    names: Sequence[str],
+    images: Optional[Dict[int, np.ndarray]] = None,
+    name: Optional[str] = None,
 ) -> List[str]:
-    """Writes a grid of the first images with their predictions and the conv1 feature maps.
+    """Writes a grid of the sampled images with their predictions and the conv1 feature maps.
 
-    Images of any size are shown: one channel in grey, three or four as colour, others by
-    their first channel. ``images`` (and ``name``, for the file names) are given for new
-    image files, which have no ``labels`` (None): their titles are black.
+    Args:
+        config: The run's config (split, output folder, model label).
+        samples: Record index -> its prediction, for the records :func:`sample_indices` chose.
+        labels: Every record's label; None for new image files (their captions are black).
+        names: The class names.
+        images: Record index -> image for new image files; by default read from the split.
+        name: What the file names say instead of the predict split (``inputs``).
     """
     import matplotlib
 
@@ -556,29 +619,17 @@ def _plot_predictions(
 
     split = name or config.predict_split
     if images is None:
-        features, _ = next(iter(data_pipeline.make_dataset(config.data_dir, split, len(samples))))
-        images = features["image"].numpy()
-    if labels is None:
-        labels = [None] * len(samples)
-    if images.shape[-1] not in (3, 4):
-        images = images[..., 0]
-    fig, axes = plt.subplots(4, 4, figsize=(6, 6.4))
-    for ax, image, row, label in zip(axes.flat, images, samples, labels):
-        cls = int(row["classes"])
-        ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
-        title = f"{_short(names[cls])} ({row['probabilities'][cls]:.2f})"
-        if label is not None and cls != label:
-            title += f" ≠ {_short(names[label])}"
-        color = "black" if label is None else "green" if cls == label else "red"
-        ax.set_title(title, color=color, fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
+        images = _images_at(config, split, sorted(samples))
+    rows = [
+        (images[i], samples[i], None if labels is None else int(labels[i])) for i in sorted(samples)
+    ]
     model_name = keras_models.model_label(config.model)
-    fig.suptitle(f"{model_name}: predicted class (probability); red: wrong, ≠ true label")
+    fig = samples_figure(rows, names, model_name)
     paths = [os.path.join(config.output_dir, f"samples-{split}.png")]
     _save_figure(fig, paths[-1])
 
-    maps = np.asarray(samples[0]["conv1"]) if samples and "conv1" in samples[0] else None
+    first = samples[min(samples)] if samples else {}
+    maps = np.asarray(first["conv1"]) if "conv1" in first else None
     if maps is not None and maps.ndim in (2, 3):
         if maps.ndim == 2:  # Conv1D: [rows, channels], one image
             fig, ax = plt.subplots(figsize=(6, 3))
@@ -594,7 +645,7 @@ def _plot_predictions(
                 if channel < maps.shape[-1]:
                     ax.imshow(maps[..., channel], cmap="viridis")
                     ax.set_title(str(channel), fontsize=7)
-        fig.suptitle(f"{model_name}: conv1 feature maps of the first {split} image")
+        fig.suptitle(f"{_short(model_name, 40)}: conv1 feature maps of a {split} image")
         paths.append(os.path.join(config.output_dir, f"conv1-{split}.png"))
         _save_figure(fig, paths[-1])
     return paths
@@ -609,6 +660,62 @@ def _save_figure(fig, path: str) -> None:
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+
+
+def _images_at(config: bridge.Config, split: str, indices: Sequence[int]) -> Dict[int, Any]:
+    """The images of records ``indices`` of a split, read in record order until the last one."""
+    wanted, found, start = set(indices), {}, 0
+    dataset = data_pipeline.make_dataset(
+        config.data_dir, split, 256, num_epochs=1, limit=config.eval_limit
+    )
+    for features, _ in dataset:
+        batch = features["image"].numpy()
+        for offset in wanted.intersection(range(start, start + len(batch))):
+            found[offset] = batch[offset - start]
+        start += len(batch)
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def samples_figure(rows, names: Sequence[str], model_name: str):
+    """A 4x4 grid of ``(image, prediction, label)`` rows, each captioned with its prediction.
+
+    Images of any size are shown: one channel in grey, three or four as colour, others by their
+    first channel. Captions stay inside their cell whatever the class names (long names are
+    cut with an ellipsis; a wrong prediction puts the true class on a second line).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 4, figsize=(7, 8.2))
+    for ax, (image, row, label) in zip(axes.flat, rows):
+        if image.shape[-1] not in (3, 4):
+            image = image[..., 0]
+        cls = int(row["classes"])
+        ax.imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1)
+        title = f"{_wrap(names[cls], 2)} {row['probabilities'][cls]:.2f}"
+        if label is not None and cls != label:
+            title += f"\n≠ {_wrap(names[label], 1)}"
+        color = "black" if label is None else "green" if cls == label else "red"
+        ax.set_title(title, color=color, fontsize=7.5)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(
+        f"{_short(model_name, 40)}: predicted class and probability\n"
+        "green: right; red: wrong, ≠ the true class",
+        fontsize=10,
+    )
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.01, top=0.86, wspace=0.15, hspace=0.6)
+    return fig
+
+
+def _wrap(name: str, lines: int, width: int = 20) -> str:
+    """``name`` on at most ``lines`` lines of ``width`` characters, the rest cut (…)."""
+    wrapped = textwrap.wrap(name, width, break_long_words=True) or [""]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = _short(wrapped[-1] + " …", width)
+    return "\n".join(wrapped)
 
 
 def _short(name: str, width: int = 10) -> str:

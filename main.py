@@ -1,9 +1,11 @@
 """Command-line entry point: parse flags, build one config, run one job.
 
-Examples:
-    python main.py --mode=prepare --data_dir=data/mnist
-    python main.py --mode=train --model=cnn --epochs=3
-    python main.py --mode=evaluate --model=cnn --eval_split=both
+Usage (after `make demo` or `make test` set up .venv; README.md has each task's output):
+    .venv/bin/python main.py --mode=prepare --source_dir=my_images --data_dir=data/my_images
+    .venv/bin/python main.py --mode=train --model=cnn --data_dir=data/my_images --epochs=3
+    .venv/bin/python main.py --mode=evaluate --model=cnn --data_dir=data/my_images
+    .venv/bin/python main.py --mode=predict --model=cnn --data_dir=data/my_images --plot
+    .venv/bin/python main.py --mode=export --model=cnn --data_dir=data/my_images
 """
 
 import json
@@ -127,8 +129,18 @@ def main(argv):
         sys.exit(130)
 
 
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
 def parse_flags(argv):
-    """Parses flags like absl, but a bad flag is one line on stderr and exit code 2."""
+    """Parses flags like absl, but a bad flag is one line on stderr and exit code 2.
+
+    ``--help`` prints the flags grouped by task (absl's own lists only the main module's flags,
+    none here); ``--helpfull`` stays absl's.
+    """
+    if any(arg in HELP_ARGS for arg in argv[1:]):
+        print(flags.help_text(FLAGS, __doc__))
+        sys.exit(0)
     try:
         return FLAGS(argv)
     except absl_flags.Error as error:

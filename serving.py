@@ -36,8 +36,15 @@ import itertools
 import json
 import logging
 import os
+import sys
 import time
 from typing import Dict, List, Optional, Union
+
+# TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
+# cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
+# unless the user chose a level, and only if TensorFlow is not imported yet (else it is too late).
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import tensorflow as tf
@@ -133,7 +140,12 @@ class ServedModel:
             numeric = all(np.dtype(dtype).kind in "fiub" for dtype, _ in self.inputs.values())
             self._xla = None
             if xla and freeze and xla_max_batch > 0 and numeric and tf.executing_eagerly():
-                self._xla = _XlaProgram(graph_def, input_names, output_names, xla_max_batch)
+                strings = [
+                    n for n in output_names if graph.get_tensor_by_name(n).dtype == tf.string
+                ]
+                self._xla = _XlaProgram(
+                    graph_def, input_names, output_names, xla_max_batch, strings
+                )
                 if xla == "auto" and not self._xla_is_faster():
                     self._xla = None
 
@@ -257,11 +269,16 @@ class _XlaProgram:
     """The frozen signature as one XLA program per power-of-two batch size up to ``max_batch``.
 
     The fed tensors become plain placeholders, so what only feeds their defaults (the
-    ``tf.Example`` parse behind ``image``'s ``placeholder_with_default``) is pruned away.
+    ``tf.Example`` parse behind ``image``'s ``placeholder_with_default``) is pruned away. XLA
+    computes no strings: string outputs are computed after it from its numeric outputs, in
+    numpy when they look a numeric output up in a constant (``class_names``: the names gathered
+    by ``classes``; a second TensorFlow call would add a tenth of a millisecond or more to a
+    batch-1 call), else by plain TensorFlow.
     """
 
-    def __init__(self, graph_def, input_names, output_names, max_batch):
+    def __init__(self, graph_def, input_names, output_names, max_batch, strings=()):
         self.max_batch = max_batch
+        numeric = [name for name in output_names if name not in strings]
         pruned = graph_pb2.GraphDef()
         pruned.CopyFrom(graph_def)
         fed = {name.split(":")[0] for name in input_names}
@@ -278,29 +295,76 @@ class _XlaProgram:
         )
         _rename_functions(pruned, f"_served{next(_PROGRAMS)}")
 
-        def imported(*inputs):
-            return tf.compat.v1.import_graph_def(
-                pruned,
-                input_map=dict(zip(input_names, inputs)),
-                return_elements=list(output_names),
-                name="",
-            )
+        def program(feeds, fetches):
+            def imported(*inputs):
+                return tf.compat.v1.import_graph_def(
+                    pruned, input_map=dict(zip(feeds, inputs)), return_elements=fetches, name=""
+                )
 
-        specs = []
-        for name in input_names:
-            node = next(n for n in pruned.node if n.name == name.split(":")[0])
-            shape = tf.TensorShape(node.attr["shape"].shape)
-            specs.append(tf.TensorSpec(shape, tf.dtypes.as_dtype(node.attr["dtype"].type)))
-        wrapped = tf.compat.v1.wrap_function(imported, specs)
-        program = wrapped.prune(feeds=wrapped.inputs, fetches=wrapped.outputs)
-        self._function = tf.function(lambda *inputs: program(*inputs), jit_compile=True)
+            specs = [tf.TensorSpec(*_shape_and_dtype(pruned, name)) for name in feeds]
+            wrapped = tf.compat.v1.wrap_function(imported, specs)
+            return wrapped.prune(feeds=wrapped.inputs, fetches=wrapped.outputs)
+
+        network = program(list(input_names), numeric)
+        self._function = tf.function(lambda *inputs: network(*inputs), jit_compile=True)
+        tables = {name: _lookup(pruned, name, numeric) for name in strings}
+        rest = [name for name in strings if tables[name] is None]
+        self._strings = program(numeric, rest) if rest else None
+        # Where each output comes from: ("n", i) numeric output i; ("t", (i, table)) a lookup of
+        # numeric output i; ("s", i) output i of the string program.
+        self._order = []
+        for name in output_names:
+            if name in numeric:
+                self._order.append(("n", numeric.index(name)))
+            elif tables[name] is not None:
+                self._order.append(("t", tables[name]))
+            else:
+                self._order.append(("s", rest.index(name)))
 
     def __call__(self, values):
         size = len(values[0])
         padded = 1 << (size - 1).bit_length()  # 1, 2, 4, 8, ...: few shapes to compile
         if padded != size:
             values = [np.concatenate([v, np.repeat(v[-1:], padded - size, 0)]) for v in values]
-        return [output.numpy()[:size] for output in self._function(*values)]
+        numeric = [output.numpy()[:size] for output in self._function(*values)]
+        strings = []
+        if self._strings is not None:
+            strings = [s.numpy() for s in self._strings(*map(tf.constant, numeric))]
+        out = []
+        for kind, where in self._order:
+            if kind == "t":
+                out.append(where[1][numeric[where[0]]])
+            else:
+                out.append((numeric if kind == "n" else strings)[where])
+        return out
+
+
+def _lookup(graph_def, name: str, numeric: List[str]):
+    """``(numeric output index, table)`` if output ``name`` gathers a constant by that output."""
+    nodes = {node.name: node for node in graph_def.node}
+    node = nodes.get(name.split(":")[0])
+    if node is None or node.op != "GatherV2" or len(node.input) != 3:
+        return None
+    table, index, axis = (nodes.get(i.split(":")[0]) for i in node.input)
+    wanted = {n if ":" in n else f"{n}:0" for n in node.input[1:2]}
+    if not (table and axis and table.op == axis.op == "Const") or index is None:
+        return None
+    if tf.make_ndarray(axis.attr["value"].tensor) != 0 or not wanted & set(numeric):
+        return None
+    values = tf.make_ndarray(table.attr["value"].tensor)
+    return numeric.index(next(iter(wanted))), np.asarray(values, dtype=object)
+
+
+def _shape_and_dtype(graph_def, tensor_name: str):
+    """``(shape, dtype)`` of a placeholder, or of an output of any node, in a GraphDef."""
+    node = next(n for n in graph_def.node if n.name == tensor_name.split(":")[0])
+    if node.op == "Placeholder":
+        return tf.TensorShape(node.attr["shape"].shape), node.attr["dtype"].type
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    tensor = graph.get_tensor_by_name(tensor_name)
+    return tensor.shape, tensor.dtype
 
 
 class OnnxModel:

@@ -2,8 +2,10 @@
 
 TensorFlow reads ``TF_CPP_MIN_LOG_LEVEL``, ``TF_USE_LEGACY_KERAS`` and ``TF_ENABLE_ONEDNN_OPTS``
 only once, when it is first imported, so entry points (``main.py``, ``bench/*``,
-``tests/conftest.py``) import this module first. Library modules never change process state on
-import.
+``tests/conftest.py``) import this module first. Library modules change no process state on
+import, with one exception: ``serving``, ``data_pipeline`` and ``keras_models``, imported before
+TensorFlow in a user's own script, default ``TF_CPP_MIN_LOG_LEVEL`` as below, so TensorFlow's
+start-up notices stay hidden there too.
 """
 
 import logging

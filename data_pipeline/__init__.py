@@ -17,6 +17,15 @@ Public API:
         under temporary names a failure removes; for every job, not only ``prepare``.
 """
 
+import os
+import sys
+
+# TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
+# cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
+# unless the user chose a level, and only if TensorFlow is not imported yet (else it is too late).
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 from data_pipeline.checks import check_shards, to_data_error, translate_errors
 from data_pipeline.diskfull import (
     DiskFullError,

@@ -218,11 +218,30 @@ class ImageFolderSource(DataSource):
         """Reads, checks, decodes and (optionally) resizes one image to uint8 [H, W, C]."""
         return load_image(path, self.image_shape, self.resize)
 
+    def _failing(self, paths: List[str]) -> List[str]:
+        """The paths that fail to load, found by one parallel pass that skips failures.
+
+        Loading the chunk's files one by one eagerly took 11-15 s for 3,500 PNGs; this pass
+        costs about what decoding the chunk did.
+        """
+        indices = tf.range(len(paths), dtype=tf.int64)
+        dataset = (
+            tf.data.Dataset.from_tensor_slices((indices, paths))
+            .map(
+                # The size keeps the decoded image a dependency of what comes out.
+                lambda index, path: (index, tf.size(self._load(path))),
+                num_parallel_calls=tf.data.AUTOTUNE,
+            )
+            .ignore_errors()
+        )
+        loaded = {int(index) for index, _ in dataset.as_numpy_iterator()}
+        return [path for index, path in enumerate(paths) if index not in loaded]
+
     def _name_bad_file(self, error: tf.errors.OpError, paths: List[str]) -> DataError:
         """The DataError for a failed chunk, naming the file (decoded one by one if need be)."""
         match = _ASSERTED.search(error.message or "")
         if match is None:
-            for path in paths:
+            for path in self._failing(paths):
                 try:
                     self._load(tf.constant(path))
                 except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:

@@ -16,11 +16,25 @@ networks as Keras 3 models (``build_model``, ``get_builder``, ``MODELS``); the r
 feeds the Estimator, needs Keras 2 and is left out there.
 """
 
+import os
+import sys
 from types import MappingProxyType
 from typing import Callable, Mapping, Tuple
 
-from keras_models.backend import KERAS3, keras
-from keras_models.networks import NETWORKS, build_birnn, build_cnn, build_cnn_rnn, build_rnn
+# TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
+# cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
+# unless the user chose a level, and only if TensorFlow is not imported yet (else it is too late).
+if "tensorflow" not in sys.modules:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_models.backend import KERAS3, keras  # noqa: E402
+from keras_models.networks import (  # noqa: E402
+    NETWORKS,
+    build_birnn,
+    build_cnn,
+    build_cnn_rnn,
+    build_rnn,
+)
 
 if not KERAS3:
     from keras_models.resolve import (

@@ -69,6 +69,11 @@ def test_predict_spec(name, real_batch):
     assert layers - {"image"} <= set(p)
     assert "dense1" in p and p["dense1"].shape.as_list() == [BATCH, 1024]
     assert set(spec.export_outputs) == {"serving_default", "classification", "predict"}
+    default = spec.export_outputs["serving_default"].outputs
+    assert set(default) == {"classes", "class_names", "probabilities"}
+    assert set(spec.export_outputs["predict"].outputs) == {*p, "class_names"}
+    assert default["class_names"].dtype == tf.string
+    assert default["class_names"].shape.as_list() == [BATCH]
     assert spec.loss is None and spec.train_op is None
     # Exports keep each GRU's cuDNN variant, for a server with a GPU.
     assert bool(_cudnn_variants(graph)) == (name != "cnn")
@@ -224,7 +229,11 @@ def test_train_reaches_target_step_and_learns(trained_cnn):
     assert metrics["global_step"] == 60 and metrics["examples"] == 500
     assert metrics["accuracy"] > 0.7  # 60 steps of 64 real digits: far above chance (0.1)
     assert 0 < metrics["loss"] < 1.5
-    matrix = np.loadtxt(metrics["confusion_matrix"], delimiter=",")
+    names, matrix = jobs.read_confusion_matrix(metrics["confusion_matrix"])
+    assert names == [str(digit) for digit in range(10)]  # the spec's class names
+    with open(metrics["confusion_matrix"]) as handle:
+        assert handle.readline().strip() == "true \\ predicted," + ",".join(names)
+        assert all(line.startswith(f"{name},") for line, name in zip(handle, names))
     assert matrix.shape == (10, 10) and matrix.sum() == 500
     assert np.trace(matrix) / 500 == pytest.approx(metrics["accuracy"], abs=1e-6)
 

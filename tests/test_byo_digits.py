@@ -136,7 +136,8 @@ for name, saved_model in {saved_models!r}.items():
     m = tf.saved_model.load(saved_model)
     cls = m.signatures["examples:classification"](inputs=tf.constant(examples))
     np.savez(f"{out}/{{name}}-served.npz", fast=fast["probabilities"],
-             scores=cls["scores"].numpy(), classes=cls["classes"].numpy().astype(str))
+             scores=cls["scores"].numpy(), classes=cls["classes"].numpy().astype(str),
+             names=fast["class_names"].astype(str), ids=fast["classes"])
 """)
     return {name: np.load(out / f"{name}-served.npz") for name in exports}
 
@@ -196,5 +197,9 @@ def test_png_folder_digits_export_names_the_classes(folder_run, served):
     expected = estimator_probabilities(folder_run.config, images)
     np.testing.assert_allclose(served["folder"]["fast"], expected, atol=1e-5)
     np.testing.assert_allclose(served["folder"]["scores"], expected, atol=1e-5)
-    # TF Serving's Classify answer carries the dataset's class names.
+    # TF Serving's Classify answer carries the dataset's class names; the image signature names
+    # each row's predicted class (the folder names, as strings).
     assert served["folder"]["classes"][0].tolist() == list(folder_run.spec.class_names)
+    names = folder_run.spec.class_names
+    assert served["folder"]["names"].tolist() == [names[i] for i in served["folder"]["ids"]]
+    assert set(served["folder"]["names"]) <= set(names) and len(set(served["folder"]["names"])) > 3

@@ -150,6 +150,13 @@ for number, path in enumerate(paths):
     out["serving_examples"] = by_example(examples=examples)["probabilities"]
     classify = serving.load(path, "examples:classification")(inputs=examples)
     out["serving_classification"] = classify["scores"]
+    # class_names (strings) beside the numbers, on every raw-image path and the examples one.
+    names = {
+        "names_xla": np.concatenate(
+            [xla(image=images[:5])["class_names"], xla(image=images[5:])["class_names"]]),
+        "names_session": session(image=images)["class_names"],
+        "names_examples": serving.load(path, "examples:predict")(examples=examples)["class_names"],
+    }
     assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
 
     # TF Serving's loader.
@@ -170,6 +177,7 @@ for number, path in enumerate(paths):
     out["tf2_classification"] = signatures["examples:classification"](
         inputs=tf.constant(examples))["scores"].numpy()
     classes = raw["classes"].numpy()
+    names["names_tf2"] = raw["class_names"].numpy()
 
     # `saved_model_cli show --all`, through the console script's own entry point.
     shown = io.StringIO()
@@ -179,7 +187,8 @@ for number, path in enumerate(paths):
             saved_model_cli.main()
         except SystemExit as exit_:
             assert not exit_.code, exit_.code
-    np.savez(os.path.join(folder, f"out{number}.npz"), classes=classes, **out)
+    names = {key: np.asarray(value, dtype="S") for key, value in names.items()}
+    np.savez(os.path.join(folder, f"out{number}.npz"), classes=classes, **names, **out)
     open(os.path.join(folder, f"shown{number}.txt"), "w").write(shown.getvalue())
 """
 
@@ -189,7 +198,8 @@ def served_networks(exports, test_digits, tmp_path_factory):
     """What one fresh TensorFlow-only interpreter got from the four exports, every way.
 
     Returns:
-        Name -> ``(probabilities by path, predicted classes, saved_model_cli show --all's text)``.
+        Name -> ``(probabilities by path, predicted classes, saved_model_cli show --all's text,
+        class_names by path)``.
     """
     images, labels = test_digits
     folder = tmp_path_factory.mktemp("served")
@@ -204,7 +214,9 @@ def served_networks(exports, test_digits, tmp_path_factory):
     served = {}
     for number, name in enumerate(names):
         out = dict(np.load(folder / f"out{number}.npz"))
-        served[name] = out, out.pop("classes"), (folder / f"shown{number}.txt").read_text()
+        names = {key: out.pop(key) for key in list(out) if key.startswith("names_")}
+        shown = (folder / f"shown{number}.txt").read_text()
+        served[name] = out, out.pop("classes"), shown, names
     return served
 
 
@@ -216,12 +228,16 @@ def served(exported, served_networks):
 
 def test_every_path_gives_the_estimators_probabilities(exported, served, test_digits):
     config, _ = exported
-    probabilities, classes, _ = served
+    probabilities, classes, _, names = served
     expected = estimator_probabilities(config, test_digits[0])
     assert len(probabilities) == 12
     for name, value in probabilities.items():
         np.testing.assert_allclose(value, expected, atol=1e-5, err_msg=name)
     np.testing.assert_array_equal(classes, expected.argmax(-1))
+    # The image signatures name each predicted class with the spec's names ("0".."9" for MNIST).
+    assert len(names) == 4
+    for path, value in names.items():
+        assert [bytes(n) for n in value] == [str(c).encode() for c in classes], path
 
 
 def test_export_keeps_its_signatures(served):
@@ -239,9 +255,10 @@ def test_load_describes_the_signature_and_refuses_wrong_inputs(exported):
     with serving.load(os.path.dirname(path), "predict", xla=False) as model:
         assert model.path == path
         assert model.inputs == {"image": (np.float32, (None, 28, 28, 1))}
-        assert model.outputs == ["classes", "logits", "probabilities"]
+        assert model.outputs == ["class_names", "classes", "logits", "probabilities"]
         out = model(image=np.zeros([2, 28, 28, 1], np.float32))
         assert out["logits"].shape == (2, 10) and out["classes"].dtype == np.int64
+        assert list(out["class_names"]) == [str(c).encode() for c in out["classes"]]
         with pytest.raises(TypeError, match="takes image, got examples"):
             model(examples=[b""])
     with pytest.raises(KeyError, match="no signature 'classify'.*examples:classification"):
