@@ -114,6 +114,6 @@ fi
     assert run.returncode == 0, run.stderr
     assert calls.read_text().splitlines() == [
         "venv --python 3.11 .venv",
-        "pip install --quiet --python .venv/bin/python -e .[test,plot]",
+        "pip install --quiet --python .venv/bin/python -e .[test,plot,onnx,beam]",
     ]
     assert (root / ".venv" / ".installed").exists()

@@ -15,19 +15,6 @@ import flags
 
 README = pathlib.Path(REPO) / "README.md"
 
-# Flags the README already shows that arrive with other branches (issue 30's helpers): the lead
-# empties this at merge. A name here that is defined fails the test, so it cannot go stale.
-ARRIVING_FLAGS = {
-    "inputs",  # predict new images
-    "top_k",
-    "prepare_engine",  # Apache Beam
-    "beam_options",
-    "keras_format",  # Keras 3
-    "unsafe_deserialization",
-}
-# Flag values the README shows that arrive with other branches ({flag: {value}}).
-ARRIVING_VALUES = {}
-
 
 def readme_commands():
     """Each `main.py` command in README.md's bash blocks, as its arguments after main.py."""
@@ -55,18 +42,9 @@ def test_readme_command_parses(args):
     fv = absl_flags.FLAGS
     if "mode" not in fv:
         flags.define_flags()
-    kept = []
-    for arg in args:
-        name, _, value = arg.lstrip("-").partition("=")
-        if name in ARRIVING_FLAGS:
-            assert name not in fv, f"--{name} is defined now: remove it from ARRIVING_FLAGS"
-            continue
-        if value in ARRIVING_VALUES.get(name, ()):
-            continue
-        kept.append(arg)
     fv.unparse_flags()
     try:
-        rest = fv([MAIN, *kept])  # unknown flags, enum values and validators raise here
+        rest = fv([MAIN, *args])  # unknown flags, enum values and validators raise here
     except absl_flags.Error as error:
         pytest.fail(f"README command {' '.join(args)} is refused: {error}")
     finally:
