@@ -44,6 +44,7 @@ import data_pipeline
 import distribution
 import keras_models
 import provenance
+import summaries
 from keras_models import keras3
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
@@ -239,7 +240,7 @@ def model_fn(features, labels, mode, params, config=None):
             ``model_identity`` (recorded under ``MODEL_KEY`` when training),
             ``dataset_identity`` (under ``provenance.DATASET_KEY``) and
             ``summary_steps`` (the model_fn then writes the training summaries itself, see
-            :class:`SummaryHook`; the Estimator's ``save_summary_steps`` must be 0).
+            :class:`summaries.SummaryHook`; the Estimator's ``save_summary_steps`` must be 0).
         config: The Estimator's ``RunConfig`` (only the chief writes summaries).
 
     Returns:
@@ -314,21 +315,21 @@ def _model_fn(features, labels, mode, params, config=None):
                 name=key,
                 collections=[tf.compat.v1.GraphKeys.GLOBAL_VARIABLES],
             )
-    summaries = (images, labels, classes, learning_rate, layer_outputs)
+    shown = (images, labels, classes, learning_rate, layer_outputs)
     hooks = []
     if not params.get("summary_steps"):
-        _train_summaries(*summaries)  # for the Estimator's own SummarySaverHook
+        summaries.train_summaries(*shown)  # for the Estimator's own SummarySaverHook
     elif config is not None and config.is_chief:
         due = tf.compat.v1.placeholder_with_default(False, [], name="summaries_due")
         # The loss too, which the Estimator adds for its own hook.
         summary = tf.cond(
             due,
             lambda: tf.compat.v1.summary.merge(
-                [*_train_summaries(*summaries), tf.compat.v1.summary.scalar("loss", loss)]
+                [*summaries.train_summaries(*shown), tf.compat.v1.summary.scalar("loss", loss)]
             ),
             lambda: tf.constant(""),
         )
-        hooks.append(SummaryHook(params["summary_steps"], config.model_dir, summary, due))
+        hooks.append(summaries.SummaryHook(params["summary_steps"], config.model_dir, summary, due))
     return tf.estimator.EstimatorSpec(mode, loss=loss, train_op=train_op, training_hooks=hooks)
 
 
@@ -585,72 +586,6 @@ def _learning_rate(params: Mapping[str, Any], global_step) -> tf.Tensor:
         # Ends at 1% of the peak rate after decay_steps.
         return base * tf.pow(0.01, step / decay_steps)
     return tf.constant(base, tf.float32)
-
-
-def _train_summaries(images, labels, classes, learning_rate, layer_outputs) -> List:
-    """The training summaries for TensorBoard (empty strings in replicas other than the first)."""
-    accuracy = tf.reduce_mean(tf.cast(tf.equal(labels, classes), tf.float32))
-    summaries = [
-        tf.compat.v1.summary.scalar("train_accuracy", accuracy),
-        tf.compat.v1.summary.scalar("learning_rate", learning_rate),
-    ]
-    # Image summaries take 1, 3 or 4 channels; other images show their first channel.
-    shown = images if images.shape[-1] in (1, 3, 4) else images[..., :1]
-    summaries.append(tf.compat.v1.summary.image("input_images", shown, max_outputs=4))
-    conv1 = layer_outputs.get("conv1")
-    if conv1 is not None and conv1.shape.rank in (3, 4):
-        grid = feature_map_grid(conv1)
-        summaries.append(tf.compat.v1.summary.image("conv1_feature_maps", grid, max_outputs=1))
-    return summaries
-
-
-class SummaryHook(tf.compat.v1.train.SummarySaverHook):
-    """The Estimator's SummarySaverHook, with the same fetches on every training step.
-
-    The stock hook fetches the summaries only on the steps that write them, so the first
-    ``Session.run`` of a training and the second differ, and Grappler optimises the whole
-    training graph for each (birnn: 1.4 s of a 3-step training, ``bench/bench_startup.py``).
-    Here they sit in a ``tf.cond`` whose predicate is fed on every step: one signature, and the
-    summaries are computed only when due, at the same steps as the stock hook's.
-    """
-
-    def __init__(self, save_steps: int, output_dir: str, summary: tf.Tensor, due: tf.Tensor):
-        super().__init__(save_steps=save_steps, output_dir=output_dir, summary_op=summary)
-        self._due = due
-
-    def before_run(self, run_context):
-        requests = dict(super().before_run(run_context).fetches)
-        requests["summary"] = self._get_summary_op()
-        return tf.estimator.SessionRunArgs(requests, {self._due: self._request_summary})
-
-
-def feature_map_grid(feature_maps: tf.Tensor) -> tf.Tensor:
-    """The first example's feature maps as one image ``[1, H, W, 1]``, min-max scaled.
-
-    Conv2D maps ``[batch, h, w, c]`` are tiled row by row in a near-square grid (32 maps of
-    28 x 28: 6 x 6 tiles, the last 4 blank, 173 x 173 pixels), with a one-pixel white line
-    between tiles: TensorBoard's image card fits a square, where a 4 x 8 grid lost its last
-    column to a scroll bar and the old 28 x 896 strip was unreadable. Conv1D maps
-    ``[batch, t, c]`` are shown as one ``t x c`` image.
-    """
-    maps = tf.cast(feature_maps[0], tf.float32)
-    maps = maps - tf.reduce_min(maps)
-    maps = maps / (tf.reduce_max(maps) + 1e-6)
-    if maps.shape.rank == 3:
-        channels = int(maps.shape[-1])
-        columns = math.ceil(math.sqrt(channels))
-        rows = math.ceil(channels / columns)
-        height, width = tf.shape(maps)[0] + 1, tf.shape(maps)[1] + 1
-        # [c, h, w] with a white line below and right of each map, blank tiles to fill the grid.
-        tiles = tf.pad(
-            tf.transpose(maps, [2, 0, 1]),
-            [[0, rows * columns - channels], [0, 1], [0, 1]],
-            constant_values=1.0,
-        )
-        grid = tf.reshape(tiles, [rows, columns, height, width])
-        grid = tf.reshape(tf.transpose(grid, [0, 2, 1, 3]), [rows * height, columns * width])
-        maps = grid[:-1, :-1]
-    return maps[tf.newaxis, :, :, tf.newaxis]
 
 
 # --------------------------------------------------------------------------------------------

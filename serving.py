@@ -410,7 +410,10 @@ class OnnxModel:
         )
         metadata = session.get_modelmeta().custom_metadata_map
         names = metadata.get("class_names")
-        self.class_names = None if names is None else np.array(json.loads(names))
+        # As bytes in an object array, the form TensorFlow gives string outputs in.
+        self.class_names = (
+            None if names is None else np.array([n.encode() for n in json.loads(names)], object)
+        )
         (image,) = session.get_inputs()
         self._input = image.name
         self.inputs: Dict[str, tuple] = {

@@ -12,7 +12,7 @@ alternate, and the variant order rotates from round to round. The variants:
   session config);
 * ``with_stock_summaries``: the Estimator's own SummarySaverHook, which fetches the summaries
   only on the steps that write them (so the first and second training steps differ), instead of
-  ``estimator_bridge.SummaryHook``;
+  ``summaries.SummaryHook``;
 * ``without_describe_memo``: ``estimator_bridge.describe_network`` builds the network again for
   every job instead of once per process (only evaluate and export can gain);
 * ``before``: all four.

@@ -450,4 +450,5 @@ def _finish(data_dir, work_dir, source, names, records_per_shard, compression) -
         data_dir=os.fspath(data_dir),
         class_names=tuple(source.class_names),
         manifests=manifests,
+        resize=getattr(source, "resize", None),
     )

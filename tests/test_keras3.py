@@ -207,9 +207,18 @@ def trained(mnist_data_dir, keras3_files, tmp_path_factory):
             f"--model_dir={root / name}",
             f"--export_dir={root / 'exports' / name}",
         ]
-        run = run_cli("--mode=train", *common, f"--train_steps={steps}", "--limit=30000")
+        run = run_cli(
+            "--mode=train",
+            *common,
+            f"--train_steps={steps}",
+            "--limit=30000",
+            "--seed=0",
+            "--precision=float32",
+        )
         assert run.returncode == 0, run.stderr[-3000:]
-        run = run_cli("--mode=export", *common, f"--keras_output={root / output}")
+        run = run_cli(
+            "--mode=export", *common, f"--keras_output={root / output}", "--precision=float32"
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         config = bridge.Config(
             model=model, data_dir=str(mnist_data_dir), model_dir=str(root / name)
