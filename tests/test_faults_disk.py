@@ -24,7 +24,12 @@ from cli_helpers import REPO
 
 EXIT_DISK_FULL = 75
 PAGE = 4096
-_SMALL_CNN = ['--model_params={"dense_units": 64}', "--batch_size=32", "--seed=5"]
+_SMALL_CNN = [
+    '--model_params={"dense_units": 64}',
+    "--batch_size=32",
+    "--seed=5",
+    "--precision=float32",
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,9 +168,10 @@ def _case_train(root, data_dir):
 
 def _case_evaluate(data_dir, model_dir):
     """Evaluation with no page left beside the model: its summaries fail first, no CSV."""
-    import numpy as np
     import tensorflow as tf
     from cli_helpers import run_cli
+
+    import jobs
 
     command = ["--mode=evaluate", "--model=cnn", f"--data_dir={data_dir}", *_SMALL_CNN]
     command += [f"--model_dir={model_dir}", "--limit=500"]
@@ -181,7 +187,7 @@ def _case_evaluate(data_dir, model_dir):
     rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     csv_path = json.loads(rerun.stdout)["confusion_matrix"]
-    matrix = np.loadtxt(csv_path, delimiter=",")
+    _, matrix = jobs.read_confusion_matrix(csv_path)
     assert matrix.shape == (10, 10) and matrix.sum() == 500
 
 
@@ -189,8 +195,9 @@ def _case_export(root, data_dir, model_dir):
     """An export beside an earlier one: the SavedModel, then the .keras file, do not fit."""
     import numpy as np
     import tensorflow as tf
-    import tf_keras as keras
     from cli_helpers import run_cli
+
+    from keras_models import keras3
 
     export_dir = root / "exports"
     keras_file = export_dir / "cnn.keras"
@@ -220,7 +227,7 @@ def _case_export(root, data_dir, model_dir):
         _assert_disk_full(run, path, needle)
         assert _temporary(export_dir) == [], path
         np.testing.assert_allclose(serves(earlier), expected, rtol=1e-6)
-        keras.models.load_model(keras_file)  # the earlier .keras file is whole
+        keras3.load_model(str(keras_file))  # the earlier .keras file is whole
         os.remove(filler)
     # The SavedModel the second failed run wrote before the .keras file is whole and serves.
     versions = sorted(name for name in os.listdir(export_dir) if name.isdigit())
@@ -230,7 +237,7 @@ def _case_export(root, data_dir, model_dir):
     rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     np.testing.assert_allclose(serves(json.loads(rerun.stdout)["saved_model"]), expected, 1e-5)
-    reloaded = keras.models.load_model(keras_file)
+    reloaded = keras3.load_model(str(keras_file))
     assert reloaded.name == "cnn"
 
 

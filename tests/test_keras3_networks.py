@@ -14,6 +14,7 @@ import tf_keras as keras
 from cli_helpers import REPO, run_keras3
 
 import keras_models
+from keras_models import keras3
 
 # In the Keras 3 interpreter, with the repo on its path: build, describe, load the Keras 2
 # weights, and predict the same images.
@@ -43,6 +44,14 @@ for name in keras_models.MODEL_NAMES:
     model.load_weights(f"{folder}/{name}.weights.h5")
     probabilities = keras.ops.softmax(model(images, training=False)).numpy()
     np.save(f"{folder}/{name}-keras3.npy", probabilities)
+    # The Keras 3 file the bridge's export writes (keras3.to_keras3_model): its weights load
+    # into the network built here, and the file loads on its own with plain load_model.
+    model = keras_models.build_model(name)
+    model.load_weights(f"{folder}/{name}.keras")
+    built = keras.ops.softmax(model(images, training=False)).numpy()
+    loaded = keras.saving.load_model(f"{folder}/{name}.keras")
+    from_file = keras.ops.softmax(loaded(images, training=False)).numpy()
+    np.save(f"{folder}/{name}-keras3-file.npy", np.stack([built, from_file]))
     out["models"][name] = described
 print(json.dumps(out))
 """
@@ -60,6 +69,7 @@ def keras2_networks(tmp_path_factory, mnist_source):
         keras.utils.set_random_seed(1)
         model = keras_models.build_model(name)
         model.save_weights(str(folder / f"{name}.weights.h5"))
+        keras3.to_keras3_model(model, str(folder / f"{name}.keras"))
         probabilities[name] = keras.activations.softmax(model(images, training=False)).numpy()
         models[name] = model
     return folder, models, probabilities
@@ -99,3 +109,11 @@ def test_keras2_weights_give_the_same_probabilities_in_keras3(name, keras2_netwo
 
 def test_gate_orthogonal_makes_each_gate_orthogonal_in_keras3(keras3_run):
     assert keras3_run["models"]["rnn"]["gate_gram_error"] < 1e-4
+
+
+@pytest.mark.parametrize("name", keras_models.MODEL_NAMES)
+def test_the_exported_keras3_file_loads_into_the_keras3_network(name, keras2_networks, keras3_run):
+    folder, _, probabilities = keras2_networks
+    built, loaded = np.load(folder / f"{name}-keras3-file.npy")
+    np.testing.assert_allclose(built, probabilities[name], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loaded, probabilities[name], atol=1e-5, rtol=0)
