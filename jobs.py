@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import itertools
 import math
 import os
@@ -731,9 +732,15 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     The version folder also gets ``model.onnx`` (``onnx_export``) when the ``onnx`` extra is
     installed; when it cannot be written the SavedModel is kept and one line says why.
 
+    An export computes in float32 unless ``mixed_bfloat16`` was asked for by name: what
+    ``--precision=auto`` picks for training on this machine's CPU says nothing of the machine that
+    serves, and onnxruntime has no bfloat16 kernels for these graphs (``model.onnx`` is skipped).
+
     Returns:
         ``{"saved_model", "onnx", "checkpoint", "keras"}`` (``onnx``: None when skipped).
     """
+    if config.precision_reason:  # chosen by --precision=auto, not by the user
+        config = dataclasses.replace(config, precision="float32", precision_reason="")
     _preflight(config, "export")
     spec = data_pipeline.load_spec(config.data_dir)
     checkpoint = bridge.resolve_checkpoint(config)

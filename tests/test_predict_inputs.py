@@ -321,3 +321,24 @@ def test_a_model_dir_knows_its_dataset(model, mnist_data_dir, digits28, tmp_path
 def test_a_missing_model_dir_says_train_first(mode, mnist_data_dir, tmp_path):
     run = run_cli(f"--mode={mode}", f"--data_dir={mnist_data_dir}", f"--model_dir={tmp_path / 'x'}")
     assert_cli_error(run, str(tmp_path / "x"), "train first", "--mode=train")
+
+
+def test_an_export_under_auto_precision_is_float32_and_has_its_onnx_file(model, mnist_data_dir):
+    """--precision=auto picks bf16 for training on a bf16 CPU; the export stays float32."""
+    import serving
+
+    root, model_dir, _ = model
+    config = estimator_bridge.Config(
+        data_dir=str(mnist_data_dir),
+        model_dir=str(model_dir),
+        export_dir=str(root / "export_auto"),
+        precision="mixed_bfloat16",
+        precision_reason="auto: this CPU has avx512_bf16",
+    )
+    result = jobs.export(config)
+    assert result["onnx"] and os.path.isfile(result["onnx"])  # onnxruntime has no bf16 kernels
+    images = np.random.default_rng(0).random((4, 28, 28, 1), dtype=np.float32)
+    served = serving.load(result["saved_model"], "predict", engine="tensorflow")(image=images)
+    assert served["logits"].dtype == np.float32
+    onnx = serving.load(result["saved_model"], "predict", engine="onnxruntime")(image=images)
+    np.testing.assert_allclose(onnx["probabilities"], served["probabilities"], atol=1e-5)
