@@ -125,29 +125,45 @@ EMULATED_BF16 = (
 _warned = False
 
 
-def missing_bf16_arithmetic() -> Optional[str]:
-    """What the devices that will run the graph lack for bf16 arithmetic, or None.
+def bf16_support() -> Tuple[Optional[bool], str]:
+    """Whether the devices that will run the graph have bf16 arithmetic, and why.
 
     GPUs run the graph when TensorFlow sees one: bf16 needs compute capability 8.0 (Ampere) or
     higher. Otherwise the CPU: Linux x86 needs ``avx512_bf16`` or ``amx_bf16``, aarch64 ``bf16``.
-    None also where it cannot be told (another OS), so the warning never cries wolf.
+
+    Returns:
+        ``(True, what gives it)``, ``(False, what is missing)``, or ``(None, "")`` where it cannot
+        be told (another OS), so neither the warning nor ``auto`` guesses.
     """
     capabilities = gpu_compute_capabilities()
     if capabilities:
         old = [f"GPU {i} is {c[0]}.{c[1]}" for i, c in enumerate(capabilities) if c < (8, 0)]
         if old:
-            return f"bf16 needs a GPU of compute capability 8.0 or higher; {', '.join(old)}"
-        return None
+            return False, f"bf16 needs a GPU of compute capability 8.0 or higher; {', '.join(old)}"
+        return True, f"GPU compute capability {', '.join(f'{c[0]}.{c[1]}' for c in capabilities)}"
     flags = cpu_flags()
     if flags is None:
-        return None
+        return None, ""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "i386"):
-        if flags.isdisjoint(X86_BF16_FLAGS):
-            return f"this CPU has no {' or '.join(X86_BF16_FLAGS)}"
-    elif machine in ("aarch64", "arm64") and "bf16" not in flags:
-        return "this CPU has no bf16 feature"
-    return None
+        found = [flag for flag in X86_BF16_FLAGS if flag in flags]
+        if found:
+            return True, f"this CPU has {' and '.join(found)}"
+        return False, f"this CPU has no {' or '.join(X86_BF16_FLAGS)}"
+    if machine in ("aarch64", "arm64"):
+        if "bf16" in flags:
+            return True, "this CPU has bf16"
+        return False, "this CPU has no bf16 feature"
+    return None, ""
+
+
+def missing_bf16_arithmetic() -> Optional[str]:
+    """What the devices that will run the graph lack for bf16 arithmetic, or None.
+
+    None also where it cannot be told (see :func:`bf16_support`).
+    """
+    has, why = bf16_support()
+    return why if has is False else None
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Set[str]]:
@@ -182,7 +198,7 @@ def choose_precision(requested: str) -> Tuple[str, str]:
     """Resolves ``--precision`` to a concrete one, with the reason (for the run's first line).
 
     ``auto`` is ``mixed_bfloat16`` where the devices have bf16 arithmetic (see
-    :func:`missing_bf16_arithmetic`), ``float32`` elsewhere or where it cannot be told; any
+    :func:`bf16_support`), ``float32`` elsewhere or where it cannot be told; any
     other value is returned as it is. Called once, when the run's config is built, so the
     model_fn, checkpoints and exports only ever see a concrete precision.
 
@@ -192,37 +208,10 @@ def choose_precision(requested: str) -> Tuple[str, str]:
     """
     if requested != "auto":
         return requested, ""  # asked for by name: nothing to explain
-    missing = missing_bf16_arithmetic()
-    if missing is not None:
-        return "float32", f"auto: {missing}"
-    has = bf16_arithmetic()
-    if has is None:
-        return "float32", "auto: bf16 arithmetic could not be detected here"
-    return "mixed_bfloat16", f"auto: {has}"
-
-
-def bf16_arithmetic() -> Optional[str]:
-    """Which device feature gives bf16 arithmetic (``"this CPU has avx512_bf16"``), or None.
-
-    None where :func:`missing_bf16_arithmetic` finds something missing, and where it cannot be
-    told (no ``/proc/cpuinfo``, another architecture): auto then stays with float32.
-    """
-    capabilities = gpu_compute_capabilities()
-    if capabilities:
-        if all(c >= (8, 0) for c in capabilities):
-            listed = ", ".join(f"{c[0]}.{c[1]}" for c in capabilities)
-            return f"GPU compute capability {listed}"
-        return None
-    flags = cpu_flags()
-    if flags is None:
-        return None
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i686", "i386"):
-        found = [flag for flag in X86_BF16_FLAGS if flag in flags]
-        return f"this CPU has {' and '.join(found)}" if found else None
-    if machine in ("aarch64", "arm64") and "bf16" in flags:
-        return "this CPU has bf16"
-    return None
+    has, why = bf16_support()
+    if has:
+        return "mixed_bfloat16", f"auto: {why}"
+    return "float32", f"auto: {why or 'bf16 arithmetic could not be detected here'}"
 
 
 def warn_if_bf16_is_emulated(precision: str, stream=None) -> Optional[str]:

@@ -55,7 +55,6 @@ from data_pipeline.spec import (
     DatasetSpec,
     ExampleEncoder,
     ShardSpec,
-    SplitSpec,
     image_features,
     load_spec,
 )
@@ -71,6 +70,7 @@ from data_pipeline.writer import (
     _write_spec,
     beam_fingerprint,
     shard_name,
+    spec_of,
 )
 
 WORK_DIR = f"{TMP_PREFIX}beam-work"
@@ -435,20 +435,4 @@ def _finish(data_dir, work_dir, source, names, records_per_shard, compression) -
             manifests[split] = f"{split}-files.txt"
             text = "".join(f + "\n" for f in files[split])
             _atomic_write_text(data_dir / manifests[split], text)
-    return DatasetSpec(
-        features=image_features(source.image_shape),
-        splits={
-            split: SplitSpec(num_records=source.num_records(split), shards=tuple(s))
-            for split, s in shards.items()
-        },
-        num_classes=source.num_classes,
-        image_shape=tuple(source.image_shape),
-        compression=compression,
-        source_checksum=source.checksum,
-        source_name=source.name,
-        records_per_shard=records_per_shard,
-        data_dir=os.fspath(data_dir),
-        class_names=tuple(source.class_names),
-        manifests=manifests,
-        resize=getattr(source, "resize", None),
-    )
+    return spec_of(source, data_dir, shards, compression, records_per_shard, manifests)

@@ -528,7 +528,27 @@ def _write_all(
         if files is not None:
             manifests[split] = f"{split}-files.txt"
             _atomic_write_text(data_dir / manifests[split], "".join(f + "\n" for f in files))
-    spec = DatasetSpec(
+    spec = spec_of(
+        source, data_dir, shards, compression, records_per_shard, manifests, done.fingerprint
+    )
+    _remove_unlisted_shards(data_dir, spec)
+    _fsync_dir(data_dir)
+    _write_spec(data_dir, spec)
+    done.path.unlink()
+    return spec
+
+
+def spec_of(
+    source: DataSource,
+    data_dir: Path,
+    shards: Dict[str, List[ShardSpec]],
+    compression: Optional[str],
+    records_per_shard: int,
+    manifests: Dict[str, str],
+    fingerprint: str = "",
+) -> DatasetSpec:
+    """The spec of ``source`` written into ``data_dir`` as ``shards`` (either engine)."""
+    return DatasetSpec(
         features=image_features(source.image_shape),
         splits={
             split: SplitSpec(num_records=source.num_records(split), shards=tuple(s))
@@ -542,15 +562,10 @@ def _write_all(
         records_per_shard=records_per_shard,
         data_dir=os.fspath(data_dir),
         class_names=tuple(source.class_names),
-        fingerprint=done.fingerprint,
+        fingerprint=fingerprint,
         manifests=manifests,
         resize=getattr(source, "resize", None),
     )
-    _remove_unlisted_shards(data_dir, spec)
-    _fsync_dir(data_dir)
-    _write_spec(data_dir, spec)
-    done.path.unlink()
-    return spec
 
 
 def _remove_unlisted_shards(data_dir: Path, spec: DatasetSpec) -> None:
