@@ -27,7 +27,8 @@ from cli_helpers import (
 import estimator_bridge as bridge
 from keras_models import ModelError, build_model, keras3
 
-SCRIPT = os.path.join(REPO, "tests", "keras3_script_models.py")
+TESTS = os.path.join(REPO, "tests")
+SCRIPT = os.path.join(TESTS, "keras3_script_models.py")
 K3_MODELS = ("user3", "seq3", "nested3", "gru3")
 TRAIN_STEPS = 200
 
@@ -389,8 +390,37 @@ def test_keras_output_format_flag(trained, tmp_path):
     assert_cli_error(run, "a Keras 3 file is .keras (or .h5)", "--keras_format=tf_keras")
 
 
-def test_a_builder_of_the_keras_package_is_one_line_with_the_fix(tmp_path):
-    """In a fresh interpreter: importing the keras package breaks tf_keras's from_config."""
+def test_a_builder_written_with_import_keras_trains_on_mnist(mnist_data_dir, tmp_path):
+    """``import keras`` in a builder module means tf_keras: it trains, evaluates and exports."""
+    common = [
+        "--model=keras_package_models:small_cnn",
+        f"--data_dir={mnist_data_dir}",
+        f"--model_dir={tmp_path / 'kp'}",
+        "--precision=float32",
+    ]
+    run = run_cli("--mode=train", *common, "--train_steps=150", "--seed=0", pythonpath=[TESTS])
+    assert run.returncode == 0, run.stderr[-3000:]
+    run = run_cli("--mode=evaluate", *common, "--limit=2000", pythonpath=[TESTS])
+    assert run.returncode == 0, run.stderr[-3000:]
+    accuracy = json.loads(run.stdout.strip().splitlines()[-1])["accuracy"]
+    assert accuracy > 0.8, accuracy  # chance is 0.1
+    output = tmp_path / "kp.keras"
+    run = run_cli("--mode=export", *common, f"--keras_output={output}", pythonpath=[TESTS])
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert keras3.file_format(str(output)).major == 3
+    run = run_cli(
+        "--mode=train",
+        "--model=keras_package_models:uses_keras3_ops",
+        f"--data_dir={mnist_data_dir}",
+        f"--model_dir={tmp_path / 'ops'}",
+        pythonpath=[TESTS],
+    )
+    assert_cli_error(run, "Keras 2 (tf_keras) here", "--model=m.keras")
+    assert not (tmp_path / "ops").exists()
+
+
+def test_a_keras_package_model_after_import_keras_is_one_line_with_the_fix(tmp_path):
+    """Where the caller imported the keras package first, its model is refused with the fix."""
     run = run_fresh_python(
         """
 import keras, tf_keras
@@ -406,12 +436,11 @@ except ModelError as error:
     print(error)
 # A file the keras package saved is read like any Keras 2 file.
 build().save(__import__("sys").argv[1])
-"""
-        + "",
+""",
         str(tmp_path / "kp.keras"),
     )
     (line,) = run.stdout.strip().splitlines()
-    assert "import tf_keras as keras" in line and "--model=m.keras" in line
+    assert "--model=package.module:function" in line and "import tf_keras as keras" in line
     assert keras3.file_format(str(tmp_path / "kp.keras")).major == 2
     model = keras3.load_model(str(tmp_path / "kp.keras"))
     assert isinstance(model, tf_keras.Model) and model.output_shape == (None, 10)
