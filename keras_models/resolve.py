@@ -14,12 +14,9 @@ import concurrent.futures
 import dataclasses
 import functools
 import importlib
-import importlib.abc
-import importlib.util
 import inspect
 import json
 import os
-import sys
 from types import MappingProxyType
 from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Sequence, Tuple, Union
 
@@ -27,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
-from keras_models import networks
+from keras_models import keras_package, networks
 
 # Read-only so that importers cannot swap a builder out from under the Estimator bridge.
 REGISTRY: Mapping[str, Callable[..., keras.Model]] = MappingProxyType(dict(networks.NETWORKS))
@@ -105,7 +102,9 @@ class ResolvedModel:
             kwargs["input_shape"] = tuple(kwargs["input_shape"])
         kwargs.update(self.params)
         try:
-            model = self.builder(**kwargs)
+            # `import keras` (the Keras 2.15 package here) gives models the Estimator cannot
+            # train; such a model comes back rebuilt in tf_keras.
+            model = keras_package.build_as_tf_keras(self.builder, _model_from_config, **kwargs)
         except ModelError:
             raise
         except Exception as error:  # noqa: BLE001 - any builder failure is the user's to fix
@@ -113,61 +112,8 @@ class ResolvedModel:
                 f"--model={self.source}: the builder "
                 + (_keras3_api(error) or f"raised {_first_line(error)}")
             ) from None
-        model = _from_keras_package(model, self.source)
         check_classifier(model, self.source, input_shape, num_classes)
         return model
-
-
-def _from_keras_package(model, source: str):
-    """Refuses a model of the ``keras`` package in one line that says what to do instead.
-
-    Only reached when ``keras`` 2.15 was imported before the builder's module (by the caller's
-    own code): :func:`_alias_keras_to_tf_keras` makes a builder's ``import keras`` give
-    tf_keras when the bridge imports it first. Once the real package is in the process it overwrites
-    TensorFlow's export table with its own classes, and tf_keras can no longer rebuild a
-    model from a config there (``Model.from_config`` loops forever): no translation is possible.
-    """
-    module = type(model).__module__ or ""
-    if isinstance(model, keras.Model) or not module.startswith("keras."):
-        return model
-    raise ModelError(
-        f"--model={source}: the builder returned a model of the keras package (Keras "
-        f"{_keras_package_version()} here), imported before the bridge could make `import "
-        "keras` mean tf_keras; pass the builder by name (--model=package.module:function, or "
-        "resolve_model('package.module:function') before anything imports keras), write "
-        "`import tf_keras as keras`, or save the model (model.save('m.keras')) and pass "
-        "--model=m.keras"
-    )
-
-
-class _KerasAsTfKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports ``keras`` and ``keras.*`` as the very modules of ``tf_keras`` and ``tf_keras.*``."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "keras" or name.startswith("keras."):
-            return importlib.util.spec_from_loader(name, self)
-        return None
-
-    def create_module(self, spec):
-        return importlib.import_module("tf_" + spec.name)  # the module object itself, shared
-
-    def exec_module(self, module):
-        pass  # already executed when tf_keras imported it
-
-
-def _alias_keras_to_tf_keras() -> None:
-    """From now on ``import keras`` gives tf_keras, unless the process has imported it already.
-
-    Here ``keras`` is the Keras 2.15 package, a twin of tf_keras with its own classes that the
-    Estimator cannot train (see :func:`_from_keras_package`). Builders written as Keras users
-    write them (``import keras``, ``keras.layers.Dense``) then build tf_keras layers from the
-    same code. The alias outlives the import (a builder may import ``keras.applications``
-    when called): in this process ``keras`` stays tf_keras, as ``tf.keras`` already is.
-    """
-    if "keras" not in sys.modules and not any(
-        isinstance(finder, _KerasAsTfKeras) for finder in sys.meta_path
-    ):
-        sys.meta_path.insert(0, _KerasAsTfKeras())
 
 
 def _keras3_api(error: BaseException) -> str:
@@ -179,10 +125,6 @@ def _keras3_api(error: BaseException) -> str:
         "here: build and save the model in Keras 3 (model.save('m.keras')) and pass "
         "--model=m.keras"
     )
-
-
-def _keras_package_version() -> str:
-    return getattr(sys.modules.get("keras"), "__version__", "2")
 
 
 def _accepted(builder) -> Tuple[FrozenSet[str], bool]:
@@ -285,7 +227,7 @@ def _resolve_function(source: str, params) -> ResolvedModel:
     if not module_name or not attribute:
         raise ModelError(f"--model={source}: write package.module:function")
     try:
-        _alias_keras_to_tf_keras()
+        keras_package.alias_to_tf_keras()
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - ImportError, or whatever the module raises
         if _keras3_api(error):

@@ -28,3 +28,18 @@ def uses_keras3_ops(input_shape=(28, 28, 1), num_classes=10):
     from keras import ops  # noqa: F401 - the import is what is refused
 
     raise AssertionError("unreachable: keras.ops does not exist in Keras 2")
+
+
+def small_sequential(input_shape=(28, 28, 1), num_classes=10):
+    """The same layers as a Sequential model."""
+    return keras.Sequential(
+        [
+            keras.Input(input_shape, name="image"),
+            layers.Conv2D(16, 3, activation="relu", name="conv"),
+            layers.BatchNormalization(name="bn"),
+            layers.MaxPooling2D(name="pool"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(num_classes, name="logits"),
+        ],
+        name="small_sequential",
+    )

@@ -419,31 +419,45 @@ def test_a_builder_written_with_import_keras_trains_on_mnist(mnist_data_dir, tmp
     assert not (tmp_path / "ops").exists()
 
 
-def test_a_keras_package_model_after_import_keras_is_one_line_with_the_fix(tmp_path):
-    """Where the caller imported the keras package first, its model is refused with the fix."""
+def test_a_keras_package_model_is_rebuilt_in_tf_keras_and_trains(mnist_data_dir, tmp_path):
+    """Where the caller imported the real keras package first, its models are translated.
+
+    In a fresh interpreter: once the package is imported, tf_keras cannot rebuild a config
+    unless the bridge points TensorFlow's export table at tf_keras for the rebuild.
+    """
     run = run_fresh_python(
         """
-import keras, tf_keras
-from keras_models import ModelError, resolve_model
+import json, sys
+import keras  # the keras 2.15 package, before anything of the bridge
+import tf_keras
+from cli_helpers import run_cli
+from keras_models import resolve_model
 
-def build():
-    image = keras.Input((28, 28, 1), name="image")
-    return keras.Model(image, keras.layers.Dense(10, name="logits")(keras.layers.Flatten()(image)))
-
-try:
-    resolve_model(build).build((28, 28, 1), 10)
-except ModelError as error:
-    print(error)
-# A file the keras package saved is read like any Keras 2 file.
-build().save(__import__("sys").argv[1])
+assert keras is not tf_keras
+out = {}
+for name in ("small_cnn", "small_sequential"):
+    model = resolve_model(f"keras_package_models:{name}").build((28, 28, 1), 10)
+    out[name] = [type(model).__name__, isinstance(model, tf_keras.Model), model.count_params()]
+    out[name].append(sorted({type(layer).__module__.split(".")[0] for layer in model.layers}))
+common = ["--model=keras_package_models:small_cnn", f"--data_dir={sys.argv[1]}",
+          f"--model_dir={sys.argv[2]}", "--precision=float32"]
+train = run_cli("--mode=train", *common, "--train_steps=150", "--seed=0")
+evaluate = run_cli("--mode=evaluate", *common, "--limit=2000")
+out["runs"] = [train.returncode, train.stderr[-2000:], evaluate.returncode, evaluate.stderr[-2000:]]
+out["accuracy"] = json.loads(evaluate.stdout.strip().splitlines()[-1])["accuracy"]
+print(json.dumps(out))
 """,
-        str(tmp_path / "kp.keras"),
+        str(mnist_data_dir),
+        str(tmp_path / "kp"),
+        timeout=400,
+        pythonpath=[TESTS],
     )
-    (line,) = run.stdout.strip().splitlines()
-    assert "--model=package.module:function" in line and "import tf_keras as keras" in line
-    assert keras3.file_format(str(tmp_path / "kp.keras")).major == 2
-    model = keras3.load_model(str(tmp_path / "kp.keras"))
-    assert isinstance(model, tf_keras.Model) and model.output_shape == (None, 10)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["small_cnn"] == ["Functional", True, out["small_cnn"][2], ["tf_keras"]]
+    assert out["small_sequential"] == ["Sequential", True, out["small_cnn"][2], ["tf_keras"]]
+    train_code, train_err, evaluate_code, evaluate_err = out["runs"]
+    assert train_code == 0 and evaluate_code == 0, (train_err, evaluate_err)
+    assert out["accuracy"] > 0.8, out["accuracy"]  # chance is 0.1
 
 
 def test_from_keras3_then_to_keras3_keeps_the_weights(keras3_files, tmp_path):
