@@ -442,20 +442,25 @@ def _write_predictions(
     correct = count = 0
     # Written under a temporary name: an interrupted or failed run leaves no complete-looking CSV.
     errors = data_pipeline.translate_errors(config.data_dir)
-    with data_pipeline.atomic_output(csv_path) as tmp, errors, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        columns = ["index", "label", "class", "probability", "label_name", "class_name"]
-        writer.writerow(columns + (["file"] if files is not None else []))
-        predictions = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
-        for index, prediction in enumerate(predictions):
-            label, cls = int(labels[index]), int(prediction["classes"])
-            probability = f"{prediction['probabilities'][cls]:.6f}"
-            source = [files[index]] if files is not None else []
-            writer.writerow([index, label, cls, probability, names[label], names[cls], *source])
-            correct += cls == label
-            count += 1
-            if index in plotted:
-                samples[index] = prediction
+    # Closed on any failure: a suspended Estimator generator keeps its graph the default one.
+    predictions = contextlib.closing(
+        estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
+    )
+    with data_pipeline.atomic_output(csv_path) as tmp, errors, predictions as generator:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            columns = ["index", "label", "class", "probability", "label_name", "class_name"]
+            writer.writerow(columns + (["file"] if files is not None else []))
+            for index, prediction in enumerate(generator):
+                label, cls = int(labels[index]), int(prediction["classes"])
+                probability = f"{prediction['probabilities'][cls]:.6f}"
+                source = [files[index]] if files is not None else []
+                row = [index, label, cls, probability, names[label], names[cls], *source]
+                writer.writerow(row)
+                correct += cls == label
+                count += 1
+                if index in plotted:
+                    samples[index] = prediction
     return count, correct, samples
 
 
@@ -525,15 +530,28 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
         _discard(csv_path + ".tmp", config.output_dir if created else None)
         failed = itertools.islice(inputs.iter_files(config.inputs), count, None)
         raise inputs.bad_file_error(failed, spec, error) from None
-    except BaseException:
+    except BaseException as error:
         _discard(csv_path + ".tmp", config.output_dir if created else None)
-        raise
+        rows.close()  # a suspended Estimator generator keeps its graph the default one
+        # Python reports a failed flush at close without a file name: name the CSV.
+        full = (
+            data_pipeline.disk_full_error(error, csv_path) if isinstance(error, Exception) else None
+        )
+        if full is None:
+            raise
+        raise full.with_kept(f"no new {os.path.basename(csv_path)} was written") from error
     os.replace(csv_path + ".tmp", csv_path)
     plots = []
     if config.plot:
         first = next(iter(inputs.make_dataset(config.inputs, spec, len(samples))))
         images = dict(enumerate(first["image"].numpy()))
-        plots = _plot_predictions(config, samples, None, names, images=images, name="inputs")
+        try:
+            with data_pipeline.translate_disk_full(config.output_dir):
+                plots = _plot_predictions(
+                    config, samples, None, names, images=images, name="inputs"
+                )
+        except data_pipeline.DiskFullError as full:
+            raise full.with_kept(f"{csv_path} is complete") from full.__cause__
     return _noted(
         note,
         {

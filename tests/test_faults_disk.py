@@ -59,7 +59,7 @@ def _fill(folder, leave):
     filler = os.path.join(folder, "filler")
     with open(filler, "wb") as handle:
         handle.truncate(0)
-        handle.write(b"\0" * max(0, free - _pages(leave) * PAGE))
+        handle.write(b"\0" * max(0, free - -(-int(leave) // PAGE) * PAGE))
     return filler
 
 
@@ -367,7 +367,10 @@ def _case_export(root, data_dir, model_dir):
 
 
 def _case_predict(root, data_dir, model_dir):
-    """Predictions with no room for the CSV, then room for the CSV but not the plots."""
+    """Predictions with no room for the CSV, then room for the CSV but not the plots.
+
+    Then predictions of new image files (``--inputs``) with no room for their CSV.
+    """
     from cli_helpers import run_cli
 
     output_dir = root / "predictions"
@@ -394,6 +397,26 @@ def _case_predict(root, data_dir, model_dir):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert _listing(output_dir) == ["conv1-test.png", csv_path.name, "samples-test.png"]
     assert len(csv_path.read_text().splitlines()) == 501
+
+    # New image files (--inputs) write predictions.csv through their own temporary file.
+    import numpy as np
+    import tensorflow as tf
+
+    images = root / "new_images"
+    os.makedirs(images)
+    for index in range(3):
+        png = tf.io.encode_png(np.full((28, 28, 1), 60 * index, np.uint8))
+        tf.io.write_file(str(images / f"{index}.png"), png)
+    command = [*command[:-1], f"--inputs={images}"]  # without --plot
+    before = _listing(output_dir)
+    filler = _fill(output_dir, 0)
+    run = run_cli(*command)
+    _assert_disk_full(run, output_dir / "predictions.csv", "no new predictions.csv was written")
+    assert _listing(output_dir) == sorted([*before, "filler"])
+    os.remove(filler)
+    rerun = run_cli(*command)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len((output_dir / "predictions.csv").read_text().splitlines()) == 4
 
 
 def _run_cases(root, data_dir, npz):
