@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -218,6 +219,8 @@ def evaluate(config: bridge.Config) -> Dict[str, Any]:
             kept = f"the checkpoint {checkpoint} is untouched" + "".join(
                 f", {path} is complete" for path in done
             )
+            if full.path.endswith(".csv") and os.path.exists(full.path):
+                kept += f", the earlier {os.path.basename(full.path)} is whole"
             raise full.with_kept(kept) from full.__cause__
     if len(splits) == 1:
         return _noted(note, results[splits[0]])
@@ -293,7 +296,7 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
     exporter = tf.estimator.BestExporter(
         name="best",
         serving_input_receiver_fn=bridge.serving_input_receiver_fn(spec),
-        compare_fn=_higher_accuracy,
+        compare_fn=functools.partial(_higher_accuracy, model_dir=config.model_dir),
         exports_to_keep=3,
     )
     hook = ProgressHook(
@@ -316,14 +319,24 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
         start_delay_secs=0,
         throttle_secs=config.eval_throttle_secs,
     )
+    trained = bridge.global_step_of(config.model_dir) >= target
     with (
         _checkpoints_kept_on_full_disk(config.model_dir),
         data_pipeline.translate_errors(config.data_dir),
     ):
-        # None on a TF_CONFIG cluster: with a strategy the distribute coordinator returns
-        # nothing, and so do ps/evaluator tasks; the evaluator's metrics are in
-        # model_dir/eval_<split>.
-        outcome = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
+        if trained and not os.environ.get("TF_CONFIG"):
+            # Nothing to train: the Estimator would neither evaluate nor export. A rerun after
+            # a failed evaluation or export (e.g. a full disk) finishes them here.
+            checkpoint = tf.train.latest_checkpoint(config.model_dir)
+            metrics = estimator.evaluate(eval_spec.input_fn, name=split)
+            best = os.path.join(config.model_dir, "export", "best")
+            exporter.export(estimator, best, checkpoint, metrics, is_the_final_export=True)
+            outcome = (metrics, None)
+        else:
+            # None on a TF_CONFIG cluster: with a strategy the distribute coordinator returns
+            # nothing, and so do ps/evaluator tasks; the evaluator's metrics are in
+            # model_dir/eval_<split>.
+            outcome = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
     metrics = outcome[0] if outcome else None
     result = {k: float(v) for k, v in (metrics or {}).items() if np.ndim(v) == 0}
     result["global_step"] = int(result.get("global_step", bridge.global_step_of(config.model_dir)))
@@ -332,8 +345,29 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
     return result
 
 
-def _higher_accuracy(best_eval_result, current_eval_result) -> bool:
-    return current_eval_result["accuracy"] > best_eval_result["accuracy"]
+def _higher_accuracy(best_eval_result, current_eval_result, model_dir=None) -> bool:
+    """Whether BestExporter exports: a higher accuracy, or the best one never exported.
+
+    BestExporter remembers the best accuracy from the evaluation's summaries, also of an
+    evaluation whose export then failed (a full disk): the same checkpoint evaluated again
+    (equal accuracy, with its step: not a summary) is exported if no export is newer than it.
+    Without ``model_dir``, only a higher accuracy.
+    """
+    if current_eval_result["accuracy"] > best_eval_result["accuracy"]:
+        return True
+    step = current_eval_result.get("global_step")
+    if model_dir is None or step is None:
+        return False
+    if current_eval_result["accuracy"] != best_eval_result["accuracy"]:
+        return False
+    index = os.path.join(model_dir, f"model.ckpt-{int(step)}.index")
+    folder = os.path.join(model_dir, "export", "best")
+    exports = (
+        [int(name) for name in os.listdir(folder) if name.isdigit()]
+        if os.path.isdir(folder)
+        else []
+    )
+    return os.path.exists(index) and max(exports, default=0) < os.path.getmtime(index)
 
 
 def predict(config: bridge.Config) -> Dict[str, Any]:
@@ -408,20 +442,25 @@ def _write_predictions(
     correct = count = 0
     # Written under a temporary name: an interrupted or failed run leaves no complete-looking CSV.
     errors = data_pipeline.translate_errors(config.data_dir)
-    with data_pipeline.atomic_output(csv_path) as tmp, errors, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        columns = ["index", "label", "class", "probability", "label_name", "class_name"]
-        writer.writerow(columns + (["file"] if files is not None else []))
-        predictions = estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
-        for index, prediction in enumerate(predictions):
-            label, cls = int(labels[index]), int(prediction["classes"])
-            probability = f"{prediction['probabilities'][cls]:.6f}"
-            source = [files[index]] if files is not None else []
-            writer.writerow([index, label, cls, probability, names[label], names[cls], *source])
-            correct += cls == label
-            count += 1
-            if index in plotted:
-                samples[index] = prediction
+    # Closed on any failure: a suspended Estimator generator keeps its graph the default one.
+    predictions = contextlib.closing(
+        estimator.predict(input_fn, predict_keys=keys, checkpoint_path=checkpoint)
+    )
+    with data_pipeline.atomic_output(csv_path) as tmp, errors, predictions as generator:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            columns = ["index", "label", "class", "probability", "label_name", "class_name"]
+            writer.writerow(columns + (["file"] if files is not None else []))
+            for index, prediction in enumerate(generator):
+                label, cls = int(labels[index]), int(prediction["classes"])
+                probability = f"{prediction['probabilities'][cls]:.6f}"
+                source = [files[index]] if files is not None else []
+                row = [index, label, cls, probability, names[label], names[cls], *source]
+                writer.writerow(row)
+                correct += cls == label
+                count += 1
+                if index in plotted:
+                    samples[index] = prediction
     return count, correct, samples
 
 
@@ -491,15 +530,28 @@ def predict_inputs(config: bridge.Config) -> Dict[str, Any]:
         _discard(csv_path + ".tmp", config.output_dir if created else None)
         failed = itertools.islice(inputs.iter_files(config.inputs), count, None)
         raise inputs.bad_file_error(failed, spec, error) from None
-    except BaseException:
+    except BaseException as error:
         _discard(csv_path + ".tmp", config.output_dir if created else None)
-        raise
+        rows.close()  # a suspended Estimator generator keeps its graph the default one
+        # Python reports a failed flush at close without a file name: name the CSV.
+        full = (
+            data_pipeline.disk_full_error(error, csv_path) if isinstance(error, Exception) else None
+        )
+        if full is None:
+            raise
+        raise full.with_kept(f"no new {os.path.basename(csv_path)} was written") from error
     os.replace(csv_path + ".tmp", csv_path)
     plots = []
     if config.plot:
         first = next(iter(inputs.make_dataset(config.inputs, spec, len(samples))))
         images = dict(enumerate(first["image"].numpy()))
-        plots = _plot_predictions(config, samples, None, names, images=images, name="inputs")
+        try:
+            with data_pipeline.translate_disk_full(config.output_dir):
+                plots = _plot_predictions(
+                    config, samples, None, names, images=images, name="inputs"
+                )
+        except data_pipeline.DiskFullError as full:
+            raise full.with_kept(f"{csv_path} is complete") from full.__cause__
     return _noted(
         note,
         {
@@ -730,7 +782,8 @@ def export(config: bridge.Config) -> Dict[str, Any]:
     ``tf_keras`` (see ``keras_models.keras3``); optimizer state is not part of it.
 
     The version folder also gets ``model.onnx`` (``onnx_export``) when the ``onnx`` extra is
-    installed; when it cannot be written the SavedModel is kept and one line says why.
+    installed; when it cannot be converted the SavedModel is kept and one line says why, but a
+    full disk fails the export and removes the new version folder (all or nothing).
 
     An export computes in float32 unless ``mixed_bfloat16`` was asked for by name: what
     ``--precision=auto`` picks for training on this machine's CPU says nothing of the machine that
@@ -756,11 +809,13 @@ def export(config: bridge.Config) -> Dict[str, Any]:
         with data_pipeline.translate_disk_full(config.export_dir):
             _export(config, spec, estimator, checkpoint, result)
     except data_pipeline.DiskFullError as full:
-        # The Estimator leaves its unfinished temp-<second>/ behind; every file the job writes
-        # itself goes through atomic_output, which removes its temporary name.
+        # A version folder is all or nothing: one without its model.onnx goes, and so does the
+        # Estimator's unfinished temp-<second>/; every file the job writes itself goes through
+        # atomic_output, which removes its temporary name.
         for name in set(os.listdir(config.export_dir)) - before:
-            if name.startswith("temp-"):
-                data_pipeline.diskfull.remove(os.path.join(config.export_dir, name))
+            path = os.path.join(config.export_dir, name)
+            if name.startswith("temp-") or (name.isdigit() and path != result["saved_model"]):
+                data_pipeline.diskfull.remove(path)
         versions = sorted(n for n in before if n.isdigit())
         kept = [
             f"{p} is complete"
@@ -779,13 +834,11 @@ def _export(config: bridge.Config, spec, estimator, checkpoint: str, result: Dic
     path = estimator.export_saved_model(
         config.export_dir, bridge.serving_input_receiver_fn(spec), checkpoint_path=checkpoint
     )
-    result["saved_model"] = path.decode() if isinstance(path, bytes) else path
-    onnx_path, skipped = onnx_export.write_onnx(
-        result["saved_model"], bridge.class_names(spec), checkpoint
-    )
+    path = path.decode() if isinstance(path, bytes) else path
+    onnx_path, skipped = onnx_export.write_onnx(path, bridge.class_names(spec), checkpoint)
     if skipped:
         _info(f"note: {onnx_export.ONNX_FILE} skipped, the SavedModel is complete: {skipped}")
-    result["onnx"] = onnx_path
+    result["saved_model"], result["onnx"] = path, onnx_path  # the version is complete
     if config.keras_output:
         model = bridge.keras_model_from_checkpoint(config, checkpoint, spec)
         _atomic_keras_save(model, config.keras_output, config.keras_format)

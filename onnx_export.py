@@ -10,7 +10,8 @@ into the file's metadata instead, and ``serving`` answers ``class_names`` from t
 
 TF Serving and ``tf.saved_model.load`` read only ``saved_model.pb``, ``variables/`` and
 ``assets/`` of a version folder and ignore other files (tested). The file is written under a
-temporary name and renamed, so a reader never sees half a model.
+temporary name and renamed, so a reader never sees half a model; a full disk is not a reason
+to skip it but an error (``jobs.export`` then removes the version folder).
 
 Needs the ``onnx`` extra (``pip install -e '.[onnx]'``: onnx, tf2onnx, onnxruntime); without
 it, or when tf2onnx lacks an op of a user's network, the export still writes its SavedModel and
@@ -58,14 +59,18 @@ def write_onnx(
     Returns:
         ``(path, None)`` when written, ``(None, reason)`` when skipped (the one-line reason:
         the extra is not installed, or tf2onnx could not convert the network).
+
+    Raises:
+        data_pipeline.DiskFullError: The file did not fit (no temporary file is left).
     """
     try:
         import onnx
         import tf2onnx
     except ImportError as error:
         return None, f"{error.name} is not installed (pip install -e '.[onnx]')"
+    from data_pipeline import diskfull
+
     path = onnx_path(saved_model_dir)
-    tmp = path + ".tmp"
     try:
         with _quiet() as unsupported:
             graph_def, inputs, outputs, tables, renames = tf2onnx.tf_loader.from_saved_model(
@@ -98,11 +103,11 @@ def write_onnx(
         if checkpoint is not None:
             metadata[CHECKPOINT_KEY] = checkpoint
         onnx.helper.set_model_props(model, metadata)
-        onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except Exception as error:  # noqa: BLE001 - any failure only skips the optional file
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        with diskfull.atomic_output(path) as tmp:
+            onnx.save_model(model, tmp)
+    except Exception as error:  # noqa: BLE001 - any other failure only skips the optional file
+        if diskfull.disk_full_error(error) is not None:
+            raise  # a full disk fails the export: a version folder is all or nothing
         return None, _one_line(error)
     return path, None
 

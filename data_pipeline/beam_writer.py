@@ -40,6 +40,7 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -47,6 +48,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from data_pipeline.diskfull import disk_full_error
 from data_pipeline.errors import DataError
 from data_pipeline.sources import DataSource
 from data_pipeline.spec import (
@@ -71,6 +73,7 @@ from data_pipeline.writer import (
     beam_fingerprint,
     shard_name,
     spec_of,
+    write_error,
 )
 
 WORK_DIR = f"{TMP_PREFIX}beam-work"
@@ -247,6 +250,11 @@ def _read_journal(data_dir: Path, work_dir: Path, fingerprint: str, resume: bool
         work_dir.mkdir()
         _atomic_write_text(stamp, fingerprint)
         return {}
+    return _journalled(data_dir, work_dir)
+
+
+def _journalled(data_dir: Path, work_dir: Path) -> Dict:
+    """The journal's shards that still have their size (name -> journal entry)."""
     done = {}
     for entry in work_dir.glob("*.json"):
         try:
@@ -326,12 +334,11 @@ def prepare_beam(
         _fsync_dir(data_dir)
         _write_spec(data_dir, spec)
         shutil.rmtree(work_dir)
-    except OSError as e:
-        raise DataError(
-            f"cannot write ({e.strerror or e})",
-            path=e.filename or data_dir,
-            fix="check the --data_dir path, its permissions and free space",
-        ) from e
+    except Exception as e:
+        error = write_error(e, data_dir, lambda: len(_journalled(data_dir, data_dir / WORK_DIR)))
+        if error is None:
+            raise
+        raise error from e
     return load_spec(data_dir)
 
 
@@ -349,8 +356,14 @@ def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_pat
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     old_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, old_path]))
+    # Everything goes to the log through a pipe that a thread copies: a log on a full disk
+    # loses lines but fails no write (Beam's worker hangs when printing a failure to a full
+    # stderr raises: its bundle's error is never sent back).
+    read_fd, write_fd = os.pipe()
+    copier = threading.Thread(target=_copy_to_log, args=(read_fd, log_path), daemon=True)
+    copier.start()
     beam_logger = logging.getLogger("apache_beam")
-    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler = logging.StreamHandler(open(os.dup(write_fd), "w", encoding="utf-8"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     old_state = beam_logger.level, beam_logger.propagate
     beam_logger.addHandler(handler)
@@ -358,9 +371,8 @@ def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_pat
     beam_logger.propagate = False
     sys.stderr.flush()
     saved_stderr = os.dup(2)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
     try:
         pipeline = beam.Pipeline(runner=runner, options=options)
         _ = (
@@ -378,6 +390,8 @@ def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_pat
         error = _error_from_text(text)
         if error is not None:
             raise error from None
+        if disk_full_error(e) is not None:
+            raise  # prepare_beam names the file and what was kept
         beam_logger.exception("the pipeline failed")
         raise DataError(
             f"the Beam pipeline failed ({type(e).__name__}: {text.strip()[:300]})",
@@ -390,12 +404,32 @@ def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_pat
         os.close(saved_stderr)
         beam_logger.removeHandler(handler)
         handler.close()
+        handler.stream.close()
+        # Ends once every writer (this process, its workers) has closed the pipe.
+        copier.join(timeout=10)
         beam_logger.setLevel(old_state[0])
         beam_logger.propagate = old_state[1]
         if old_path is None:
             os.environ.pop("PYTHONPATH", None)
         else:
             os.environ["PYTHONPATH"] = old_path
+
+
+def _copy_to_log(read_fd: int, log_path) -> None:
+    """Copies the pipe to ``log_path`` until its writers close it; a failed write drops lines."""
+    with open(read_fd, "rb", buffering=0) as pipe:
+        try:
+            log = open(log_path, "ab", buffering=0)
+        except OSError:
+            log = None
+        while chunk := pipe.read(1 << 16):
+            try:
+                if log is not None:
+                    log.write(chunk)
+            except OSError:  # a full disk: read on, so that no writer blocks
+                pass
+        if log is not None:
+            log.close()
 
 
 def _chain_text(error: BaseException) -> str:

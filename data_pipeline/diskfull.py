@@ -33,16 +33,18 @@ _TEXTS = (
     (f"errno = {errno.ENOSPC},", "no space left on device"),
     (f"errno = {errno.EDQUOT},", "disk quota exceeded"),
 )
-# A path right before "; No space left" (TensorFlow) or h5py's "filename = '...'".
+# A path right before "; No space left" (TensorFlow), right after it (Python's OSError as text,
+# e.g. in a Beam worker's traceback) or h5py's "filename = '...'".
 _TF_PATH = re.compile(r"(/[^\s;'\"]+)\s*[;:]\s*(?:No space left on device|Disk quota exceeded)")
+_OS_PATH = re.compile(r"(?:No space left on device|Disk quota exceeded): '(/[^']+)'")
 _H5_PATH = re.compile(r"filename = '([^']+)'")
 # Temporary names mapped back to what was being written: the Saver's ``PREFIX_temp/part-...``
 # and ``.tempstate<N>``, the Estimator's export folder ``temp-<second>/...`` (its parent is
-# named), this project's ``.tmp-<pid>-NAME`` and ``NAME.tmp[.ext]``.
+# named), this project's ``.tmp-<pid or uuid hex>-NAME`` and ``NAME.tmp[.ext]``.
 _TEMP_NAMES = (
     (re.compile(r"/temp-\d+(?:/.*)?$"), ""),
     (re.compile(r"_temp(?:_[0-9a-f]+)?/part-.*$|\.tempstate\d+$"), ""),
-    (re.compile(r"(^|/)\.tmp-\d+-([^/]+)$"), r"\1\2"),
+    (re.compile(r"(^|/)\.tmp-[0-9a-f]+-([^/]+)$"), r"\1\2"),
     (re.compile(r"\.tmp(?:\.\w+)?$"), ""),
 )
 
@@ -104,7 +106,7 @@ def disk_full_error(
             continue
         found = getattr(link, "filename", None) if isinstance(link, OSError) else None
         if not found:
-            match = _TF_PATH.search(text) or _H5_PATH.search(text)
+            match = _TF_PATH.search(text) or _OS_PATH.search(text) or _H5_PATH.search(text)
             found = match.group(1) if match else None
         found = _final_name(os.fspath(found)) if found else path
         return DiskFullError(found if found is not None else "(unknown path)", reason)

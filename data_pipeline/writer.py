@@ -377,24 +377,39 @@ def prepare(
             chunk_bytes,
         )
     except Exception as e:
-        # A full disk (whichever writer met it: TFRecord, journal, spec): remove this run's
-        # temporary files, which hold space and are useless to the rerun; keep the journal.
-        full = disk_full_error(e, data_dir)
-        if full is None and not isinstance(e, OSError):
+        error = write_error(e, data_dir, lambda: len(_Progress.journalled(data_dir)))
+        if error is None:
             raise
-        if full is not None:
-            _clean_tmp(data_dir)
-            kept = len(_Progress.journalled(data_dir))
-            raise full.with_kept(
-                f"no {SPEC_NAME} was written; the {kept} shards completed are kept and the rerun "
-                "writes only the rest"
-            ) from e
-        raise DataError(
-            f"cannot write ({e.strerror or e})",
-            path=e.filename or data_dir,
-            fix="check the --data_dir path, its permissions and free space",
-        ) from e
+        raise error from e
     return spec
+
+
+def write_error(error: Exception, data_dir: Path, completed) -> Optional[Exception]:
+    """What a failed prepare (either engine) raises: DiskFullError, DataError, or None (as is).
+
+    A full disk (whichever writer met it: TFRecord, journal, spec, in a worker or here) removes
+    this run's temporary files, which hold space and are useless to the rerun, and keeps the
+    journal (a folder such as the Beam engine's too); any other OSError is a DataError.
+
+    Args:
+        error: What the prepare raised.
+        data_dir: The folder being prepared.
+        completed: Returns how many shards are complete and journalled (called after cleaning).
+    """
+    full = disk_full_error(error, data_dir)
+    if full is not None:
+        _clean_tmp(data_dir, keep_dirs=True)
+        return full.with_kept(
+            f"no {SPEC_NAME} was written; the {completed()} shards completed are kept and the "
+            "rerun writes only the rest"
+        )
+    if isinstance(error, OSError):
+        return DataError(
+            f"cannot write ({error.strerror or error})",
+            path=error.filename or data_dir,
+            fix="check the --data_dir path, its permissions and free space",
+        )
+    return None
 
 
 def _runs(shards: List[_Shard]) -> List[List[_Shard]]:

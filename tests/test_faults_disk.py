@@ -59,7 +59,7 @@ def _fill(folder, leave):
     filler = os.path.join(folder, "filler")
     with open(filler, "wb") as handle:
         handle.truncate(0)
-        handle.write(b"\0" * max(0, free - _pages(leave) * PAGE))
+        handle.write(b"\0" * max(0, free - -(-int(leave) // PAGE) * PAGE))
     return filler
 
 
@@ -68,6 +68,16 @@ def _size(folder):
         os.path.getsize(os.path.join(root, name))
         for root, _, names in os.walk(folder)
         for name in names
+    )
+
+
+def _footprint(folder):
+    """What ``folder``'s files take on tmpfs: each file's size rounded up to whole pages."""
+    return sum(
+        _pages(os.path.getsize(os.path.join(root, name))) * PAGE
+        for root, _, names in os.walk(folder)
+        for name in names
+        if os.path.getsize(os.path.join(root, name))
     )
 
 
@@ -133,6 +143,58 @@ def _case_prepare(root, npz):
             assert (data_dir / name).read_bytes() == (whole / name).read_bytes(), name
 
 
+def _case_prepare_beam(root, npz):
+    """400 MNIST records (8 shards) prepared by Beam, one worker process, onto half their size.
+
+    The failure happens in the worker and comes back as Beam's error text; the same command then
+    resumes, and its shards are byte-identical to an undisturbed (in-process) Beam run's.
+    """
+    import numpy as np
+    from cli_helpers import run_cli
+
+    import data_pipeline
+    from data_pipeline import beam_writer
+
+    with np.load(npz) as arrays:
+        small = {name: arrays[name][: 300 if "train" in name else 100] for name in arrays}
+    np.savez(root / "mnist400.npz", **small)
+    args = ["--mode=prepare", f"--source_dir={root / 'mnist400.npz'}", "--records_per_shard=50"]
+    args.append("--prepare_engine=beam")
+    whole = root / "beam_whole"
+    undisturbed = "--beam_options=--direct_running_mode=in_memory"  # no worker to start
+    assert run_cli(*args, undisturbed, f"--data_dir={whole}").returncode == 0
+    data_dir = root / "prepare_beam"
+    _mount(data_dir, _size(whole) // 2)
+    command = [*args, "--beam_options=--direct_num_workers=1", f"--data_dir={data_dir}"]
+    run = run_cli(*command)
+    _assert_disk_full(run, data_dir, "no dataset_spec.json was written", "shards completed")
+    failed = run.stderr.split(":")[1].strip()  # the shard being written
+    assert os.path.dirname(failed) == str(data_dir) and not os.path.exists(failed), failed
+    assert os.path.basename(failed).startswith(("train-", "test-")), failed
+    assert not (data_dir / "dataset_spec.json").exists()
+    work = beam_writer.WORK_DIR  # the journal, kept for the rerun: clearly temporary
+    assert [name for name in _temporary(data_dir) if not name.startswith(work)] == []
+    kept = {
+        name[len(work) + 1 : -len(".json")]
+        for name in _listing(data_dir)
+        if name.startswith(work) and name.endswith(".json")
+    }
+    shards = sorted(name for name in os.listdir(data_dir) if not name.startswith("."))
+    assert shards == sorted(kept) and f"the {len(kept)} shards completed are kept" in run.stderr
+    inodes = {name: os.stat(data_dir / name).st_ino for name in kept}
+    for name in kept:
+        assert (data_dir / name).read_bytes() == (whole / name).read_bytes(), name
+
+    _remount(data_dir, _size(whole) * 2)
+    rerun = run_cli(*command)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert {name: os.stat(data_dir / name).st_ino for name in kept} == inodes  # not rewritten
+    assert data_pipeline.check_shards(data_dir) == {"train": 300, "test": 100}
+    assert sorted(os.listdir(data_dir)) == sorted(os.listdir(whole))
+    for name in os.listdir(whole):
+        assert (data_dir / name).read_bytes() == (whole / name).read_bytes(), name
+
+
 def _case_train(root, data_dir):
     """A seeded cnn whose third checkpoint (step 20) does not fit; the rerun resumes from 10."""
     import tensorflow as tf
@@ -166,8 +228,47 @@ def _case_train(root, data_dir):
     return model_dir
 
 
+def _case_train_and_evaluate(root, data_dir):
+    """The train case's model taken on to step 30; its best export finds its file system full."""
+    import tensorflow as tf
+    from cli_helpers import run_cli
+
+    model_dir = root / "train_and_evaluate"
+    shutil.copytree(root / "model_whole", model_dir)  # at step 20, never evaluated
+    export_dir = model_dir / "export"
+    _mount(export_dir, 64 << 20)
+    command = ["--mode=train_and_evaluate", "--model=cnn", f"--data_dir={data_dir}", *_SMALL_CNN]
+    command += ["--train_steps=30", "--save_checkpoints_steps=10", "--limit=640"]
+    command += [f"--model_dir={model_dir}"]
+    filler = _fill(export_dir, 0)
+    run = run_cli(*command)
+    _assert_disk_full(
+        run,
+        export_dir / "best",
+        f"the last good checkpoint {model_dir / 'model.ckpt-30'} is kept",
+    )
+    assert _listing(export_dir) == ["best", "filler"] and _temporary(model_dir) == []
+    latest = tf.train.latest_checkpoint(str(model_dir))
+    assert latest == str(model_dir / "model.ckpt-30")
+    assert int(tf.train.load_checkpoint(latest).get_tensor("global_step")) == 30
+
+    os.remove(filler)
+    rerun = run_cli(*command)  # nothing to train: evaluates and exports step 30
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    result = json.loads(rerun.stdout)
+    assert result["global_step"] == 30 and 0 < result["accuracy"] <= 1, result
+    versions = [name for name in os.listdir(export_dir / "best") if name.isdigit()]
+    assert len(versions) == 1, _listing(export_dir)
+    exported = tf.saved_model.load(str(export_dir / "best" / versions[0]))
+    assert "serving_default" in exported.signatures
+
+
 def _case_evaluate(data_dir, model_dir):
-    """Evaluation with no page left beside the model: its summaries fail first, no CSV."""
+    """Evaluation with no page left beside the model: its summaries fail first, no CSV.
+
+    Then, beside a complete confusion CSV, room for the summaries but not the new CSV: the
+    earlier CSV stays whole.
+    """
     import tensorflow as tf
     from cli_helpers import run_cli
 
@@ -184,11 +285,27 @@ def _case_evaluate(data_dir, model_dir):
     assert tf.train.latest_checkpoint(str(model_dir)) == latest
 
     os.remove(filler)
+    # A new process starts a new events file; this one would append to its cached writer's.
+    tf.compat.v1.summary.FileWriterCache.clear()
     rerun = run_cli(*command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     csv_path = json.loads(rerun.stdout)["confusion_matrix"]
     _, matrix = jobs.read_confusion_matrix(csv_path)
     assert matrix.shape == (10, 10) and matrix.sum() == 500
+
+    # Room for another events file like the rerun's, not for the CSV beside it.
+    events = max(tf.io.gfile.glob(f"{model_dir}/eval_test/events.*"), key=os.path.getmtime)
+    tf.compat.v1.summary.FileWriterCache.clear()
+    earlier = open(csv_path, "rb").read()
+    filler = _fill(model_dir, os.path.getsize(events))
+    run = run_cli(*command)
+    _assert_disk_full(
+        run,
+        csv_path,
+        f"the checkpoint {latest} is untouched, the earlier {os.path.basename(csv_path)} is whole",
+    )
+    assert open(csv_path, "rb").read() == earlier and _temporary(model_dir) == []
+    os.remove(filler)
 
 
 def _case_export(root, data_dir, model_dir):
@@ -218,14 +335,22 @@ def _case_export(root, data_dir, model_dir):
 
     expected = serves(earlier)
     earlier_kept = f"the earlier export {os.path.basename(earlier)} in {export_dir} is untouched"
+    onnx_size = os.path.getsize(os.path.join(earlier, "model.onnx"))
+    without_onnx = _footprint(earlier) - _pages(onnx_size) * PAGE
     for leave, path, needle in [
         (saved_model // 2, f"{export_dir}:", earlier_kept),  # the SavedModel does not fit
+        (without_onnx + onnx_size // 2, f"{export_dir}/", "/model.onnx: the disk is full"),
         (saved_model + 2 * PAGE + keras_size // 2, keras_file, "is complete"),  # the .keras file
     ]:
         filler = _fill(export_dir, leave)
         run = run_cli(*command)
         _assert_disk_full(run, path, needle)
         assert _temporary(export_dir) == [], path
+        if "model.onnx" in needle:  # a version is all or nothing: the SavedModel went too
+            assert earlier_kept in run.stderr, run.stderr
+            assert sorted(name for name in os.listdir(export_dir) if name.isdigit()) == [
+                os.path.basename(earlier)
+            ]
         np.testing.assert_allclose(serves(earlier), expected, rtol=1e-6)
         keras3.load_model(str(keras_file))  # the earlier .keras file is whole
         os.remove(filler)
@@ -242,7 +367,10 @@ def _case_export(root, data_dir, model_dir):
 
 
 def _case_predict(root, data_dir, model_dir):
-    """Predictions with no room for the CSV, then room for the CSV but not the plots."""
+    """Predictions with no room for the CSV, then room for the CSV but not the plots.
+
+    Then predictions of new image files (``--inputs``) with no room for their CSV.
+    """
     from cli_helpers import run_cli
 
     output_dir = root / "predictions"
@@ -270,6 +398,26 @@ def _case_predict(root, data_dir, model_dir):
     assert _listing(output_dir) == ["conv1-test.png", csv_path.name, "samples-test.png"]
     assert len(csv_path.read_text().splitlines()) == 501
 
+    # New image files (--inputs) write predictions.csv through their own temporary file.
+    import numpy as np
+    import tensorflow as tf
+
+    images = root / "new_images"
+    os.makedirs(images)
+    for index in range(3):
+        png = tf.io.encode_png(np.full((28, 28, 1), 60 * index, np.uint8))
+        tf.io.write_file(str(images / f"{index}.png"), png)
+    command = [*command[:-1], f"--inputs={images}"]  # without --plot
+    before = _listing(output_dir)
+    filler = _fill(output_dir, 0)
+    run = run_cli(*command)
+    _assert_disk_full(run, output_dir / "predictions.csv", "no new predictions.csv was written")
+    assert _listing(output_dir) == sorted([*before, "filler"])
+    os.remove(filler)
+    rerun = run_cli(*command)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert len((output_dir / "predictions.csv").read_text().splitlines()) == 4
+
 
 def _run_cases(root, data_dir, npz):
     """Runs every case; returns ``{case: None or the failure's traceback}``."""
@@ -291,8 +439,10 @@ def _run_cases(root, data_dir, npz):
             print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     case("prepare", _case_prepare, root, npz)
+    case("prepare_beam", _case_prepare_beam, root, npz)
     model_dir = case("train", _case_train, root, data_dir)
     for name, function in [
+        ("train_and_evaluate", _case_train_and_evaluate),
         ("evaluate", _case_evaluate),
         ("export", _case_export),
         ("predict", _case_predict),
@@ -301,6 +451,8 @@ def _run_cases(root, data_dir, npz):
             results[name] = "not run: the train case, which makes its model, failed"
         elif name == "evaluate":
             case(name, function, data_dir, model_dir)
+        elif name == "train_and_evaluate":
+            case(name, function, root, data_dir)
         else:
             case(name, function, root, data_dir, model_dir)
     return results
@@ -338,7 +490,10 @@ def full_disk_cases(mnist_data_dir, mnist_small_npz, tmp_path_factory):
     return json.loads(run.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("job", ["prepare", "train", "evaluate", "export", "predict"])
+@pytest.mark.parametrize(
+    "job",
+    ["prepare", "prepare_beam", "train", "train_and_evaluate", "evaluate", "export", "predict"],
+)
 def test_full_disk(job, full_disk_cases):
     """One job on a full disk: one line, exit 75, nothing lost; the same command then finishes."""
     failure = full_disk_cases[job]
@@ -390,6 +545,19 @@ def test_each_writers_full_disk_error_is_recognised():
         (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/q/f.csv.tmp"), "/q/f.csv", "quota"),
         (OSError(h5py_text), "/m/cnn.h5", "no space left on device"),
         (beam, "/dev/full", "no space left on device"),
+        (  # a Beam worker's traceback as text: TensorFlow's form, a worker's temporary name
+            RuntimeError(
+                "Traceback ...\nResourceExhaustedError: /d/.tmp-7cc5cb756d774fa0-train-00002-of"
+                "-00006.tfrecord; No space left on device [while running 'SortAndWriteShard']"
+            ),
+            "/d/train-00002-of-00006.tfrecord",
+            "no space left on device",
+        ),
+        (  # ... and Python's OSError form
+            RuntimeError("OSError: [Errno 28] No space left on device: '/d/.tmp-12-a.json'"),
+            "/d/a.json",
+            "no space left on device",
+        ),
         (
             tf.errors.UnknownError(
                 None,
