@@ -55,6 +55,8 @@ PRECISIONS = ("float32", "mixed_bfloat16")
 # --keras_output's format: a Keras 3 file (keras_models.keras3) or tf_keras's own.
 KERAS_FORMATS = ("keras3", "tf_keras")
 LR_SCHEDULES = ("constant", "cosine", "exponential")
+# Config's training settings for models without their own (keras_models.training_defaults).
+COMMON_TRAINING = {"learning_rate": 1e-3, "lr_schedule": "constant"}
 EVAL_SPLITS = ("train", "test", "both")
 # Graph collection holding the total training loss (cross-entropy plus regularisers).
 LOSS_COLLECTION = "estimator_bridge_total_loss"
@@ -92,8 +94,10 @@ class Config:
         eval_batch_size: Batch size for evaluation and prediction.
         epochs: Training length in passes over the train split, counted from step 0.
         train_steps: Training length as a global step; overrides ``epochs`` when set.
-        learning_rate: Peak learning rate for Adam.
-        lr_schedule: ``constant``, ``cosine`` (to 0 at the last step) or ``exponential``.
+        learning_rate: Peak learning rate for Adam; ``None``: the network's default
+            (``keras_models.training_defaults``), else 1e-3.
+        lr_schedule: ``constant``, ``cosine`` (to 0 at the last step) or ``exponential``;
+            ``None``: the network's default (``cosine`` for the rnn), else ``constant``.
         dropout_rate: Dropout before the logits layer (for builders taking ``dropout_rate``).
         model_params: Keyword arguments for the builder; they override the dataset's
             ``input_shape``/``num_classes`` and ``dropout_rate``.
@@ -145,8 +149,8 @@ class Config:
     eval_batch_size: int = 1000
     epochs: float = 1.0
     train_steps: Optional[int] = None
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
+    learning_rate: Optional[float] = None
+    lr_schedule: Optional[str] = None
     dropout_rate: float = 0.4
     model_params: Dict[str, Any] = dataclasses.field(default_factory=dict)
     precision: str = "float32"
@@ -177,6 +181,13 @@ class Config:
     inter_op_threads: int = 0
     eval_throttle_secs: int = 60
     distribution: str = "none"
+
+    def __post_init__(self) -> None:
+        # Fields left None take the network's training defaults, then everyone's.
+        defaults = {**COMMON_TRAINING, **keras_models.training_defaults(self.model)}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
         """Raises UsageError (or ``keras_models.ModelError``) for values no run can use."""

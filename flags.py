@@ -178,8 +178,16 @@ def define_flags() -> None:
     f.DEFINE_integer(
         "train_steps", None, "Train until this global step; overrides --epochs (from step 0)."
     )
-    f.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate.")
-    f.DEFINE_enum("lr_schedule", "constant", ("constant", "cosine", "exponential"), "LR decay.")
+    # Unset, these two take the network's own training defaults (keras_models.TRAINING_DEFAULTS,
+    # spelled out here so that --help does not import TensorFlow).
+    f.DEFINE_float("learning_rate", None, "Peak Adam learning rate (default 1e-3).")
+    f.DEFINE_enum(
+        "lr_schedule",
+        None,
+        ("constant", "cosine", "exponential"),
+        "Learning-rate decay over the run; cosine ends at 0 (default: cosine for rnn, constant for "
+        "the others; --lr_schedule=constant is the tutorial's).",
+    )
     f.DEFINE_float(
         "dropout_rate", 0.4, "Dropout before the logits layer (builders taking dropout_rate)."
     )

@@ -2,13 +2,20 @@
 
 For each network: train from scratch with ``jobs.train`` (fresh model_dir), then
 ``jobs.evaluate`` on the test split, and compare with the accuracy the tutorial
-published. The default recipe ``tutorial`` is the tutorial's budget: batch 128, Adam 1e-3
-constant, cnn 3 epochs, rnn 3, birnn 2, cnn_rnn 6. The recipe ``strong`` trains longer with a
-cosine learning-rate schedule and random-shift augmentation. With ``--seeds=0,1,2`` every network
-trains once per seed (graph and input-order seed) and the table gives each run, the mean and the
-sample standard deviation. PASS means the mean test accuracy is at least the published figure
-minus ``--tolerance`` percentage points: the published figures are single runs, and one run here
-varies by a few tenths of a point from seed to seed.
+published. The default recipe ``tutorial`` is the tutorial's budget (batch 128; cnn 3 epochs,
+rnn 3, birnn 2, cnn_rnn 6; no augmentation) with the CLI's own defaults for each network, i.e. what
+``main.py --model=rnn --epochs=3`` trains: Adam 1e-3, constant, except the rnn's rate, which decays
+to 0 on a cosine (``keras_models.TRAINING_DEFAULTS``). The recipe ``tutorial_exact`` is the
+tutorial's own: the same budget, Adam 1e-3 constant for every network. The recipe ``strong``
+trains longer with a cosine learning-rate schedule and random-shift augmentation.
+``--learning_rate``, ``--lr_schedule`` and ``--dropout_rate`` override any recipe's value.
+
+With ``--seeds=0,1,2`` every network trains once per seed (initial weights, dropout and input
+order) and the table gives each run, the mean and the sample standard deviation. PASS means the
+mean minus one standard deviation (the single run, with one seed) is at least the published
+figure minus ``--tolerance`` percentage points: the published figures are single runs, and one
+run here varies by a few tenths of a point from seed to seed, so a mean just above the figure is
+a coin toss, not a result.
 
 Note that the project's recurrent networks train with dropout before the logits, which the
 tutorial's recurrent notebooks did not use (they fed the pre-dropout tensor to the output).
@@ -46,9 +53,11 @@ import preflight  # noqa: E402
 # Test accuracy the tutorial's notebooks published, per network.
 PUBLISHED = {"cnn": 0.9890, "rnn": 0.9848, "birnn": 0.9791, "cnn_rnn": 0.9819}
 TUTORIAL_EPOCHS = {"cnn": 3, "rnn": 3, "birnn": 2, "cnn_rnn": 6}
-# Config fields per recipe; "epochs" is per network.
+# Config fields per recipe; "epochs" is per network. What a recipe leaves out (the learning
+# rate and schedule of "tutorial") is the CLI's default for that network.
 RECIPES: Dict[str, Dict[str, Any]] = {
-    "tutorial": {
+    "tutorial": {"epochs": TUTORIAL_EPOCHS, "batch_size": 128, "augment": False},
+    "tutorial_exact": {
         "epochs": TUTORIAL_EPOCHS,
         "batch_size": 128,
         "learning_rate": 1e-3,
@@ -64,12 +73,16 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         "augment_shift": 2,
     },
 }
+# Bench flags that, when given, replace the recipe's value of the Config field of that name.
+OVERRIDES = ("learning_rate", "lr_schedule", "dropout_rate")
 FLAG_ORDER = (
     "models",
     "recipe",
     "precision",
     "epochs_scale",
     "seeds",
+    "learning_rate",
+    "lr_schedule",
     "dropout_rate",
     "model_params",
     "tolerance",
@@ -102,6 +115,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Comma-separated graph and input-order seeds; one run per seed and network.",
     )
     parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=None,
+        help="Override the recipe's peak Adam learning rate.",
+    )
+    parser.add_argument(
+        "--lr_schedule",
+        default=None,
+        choices=estimator_bridge.LR_SCHEDULES,
+        help="Override the recipe's learning-rate schedule.",
+    )
+    parser.add_argument(
         "--dropout_rate",
         type=float,
         default=None,
@@ -119,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--tolerance",
         type=float,
         default=0.0,
-        help="PASS if accuracy >= published - tolerance (percentage points).",
+        help="PASS if mean - sd >= published - tolerance (percentage points).",
     )
     parser.add_argument("--work_dir", default=benchlib.DEFAULT_WORK_DIR)
     parser.add_argument(
@@ -155,8 +180,9 @@ def make_config(
 ) -> estimator_bridge.Config:
     recipe = dict(RECIPES[args.recipe])
     epochs = recipe.pop("epochs")[model] * args.epochs_scale
-    if args.dropout_rate is not None:
-        recipe["dropout_rate"] = args.dropout_rate
+    for name in OVERRIDES:
+        if getattr(args, name) is not None:
+            recipe[name] = getattr(args, name)
     return estimator_bridge.Config(
         model_params=dict(args.model_params),
         model=model,
@@ -173,8 +199,19 @@ def make_config(
     )
 
 
+def _settings(config: estimator_bridge.Config) -> str:
+    """What one network trains with, as the recipe line shows it."""
+    return (
+        f"{config.model} {config.epochs:g} epochs of batch {config.batch_size}, Adam "
+        f"{config.learning_rate:g} {config.lr_schedule}, dropout {config.dropout_rate:g}"
+        + (f", augment {config.augment_shift}px" if config.augment else "")
+    )
+
+
 def run_one(args, model: str, seed: int, data_dir: str) -> Dict[str, Any]:
-    dropout = "" if args.dropout_rate is None else f"-dropout{args.dropout_rate:g}"
+    dropout = "".join(
+        f"-{name}={getattr(args, name)}" for name in OVERRIDES if getattr(args, name) is not None
+    )
     params = "".join(f"-{key}={value}" for key, value in sorted(args.model_params.items()))
     run_name = f"{args.recipe}-{args.precision}{dropout}{params}-seed{seed}-x{args.epochs_scale:g}"
     model_dir = os.path.join(args.work_dir, "accuracy", run_name, model)
@@ -212,14 +249,10 @@ def main(argv=None) -> int:
     benchlib.print_header(
         f"test accuracy via estimator_bridge, recipe {args.recipe!r}", command, info
     )
-    recipe = {k: v for k, v in RECIPES[args.recipe].items() if k != "epochs"}
     print(
-        f"recipe {args.recipe}: {recipe}; epochs "
-        + ", ".join(
-            f"{m} {RECIPES[args.recipe]['epochs'][m] * args.epochs_scale:g}" for m in args.models
-        )
+        f"recipe {args.recipe}: "
+        + "; ".join(_settings(make_config(args, m, 0, "", "")) for m in args.models)
         + f"; precision {args.precision}; seeds {args.seeds}"
-        + ("" if args.dropout_rate is None else f"; dropout_rate {args.dropout_rate:g}")
         + (f"; model_params {args.model_params}" if args.model_params else "")
     )
     data_dir = benchlib.ensure_project_data(args.work_dir, args.source_dir)
@@ -250,8 +283,11 @@ def main(argv=None) -> int:
             " ".join(f"{100 * a:.2f}" for a in row["accuracies"]) or "-",
             _percent(row["mean"]),
             "-" if row["sd"] is None else f"{100 * row['sd']:.2f}",
+            _percent(row["mean_minus_sd"]),
             f"{100 * row['published']:.2f}%",
-            "-" if row["mean"] is None else f"{100 * (row['mean'] - row['published']):+.2f}",
+            "-"
+            if row["mean_minus_sd"] is None
+            else f"{100 * (row['mean_minus_sd'] - row['published']):+.2f}",
             row["verdict"],
         ]
         for row in summary
@@ -259,10 +295,19 @@ def main(argv=None) -> int:
     print()
     print(
         f"test accuracy ({args.recipe} recipe, {args.precision}) vs the tutorial's published "
-        f"figure; PASS = mean over seeds {args.seeds} at least published - {args.tolerance:g} "
-        "points; sd = sample standard deviation over the seeds"
+        f"figure; sd = sample standard deviation over the seeds {args.seeds}; PASS = mean - sd "
+        f"at least published - {args.tolerance:g} points"
     )
-    headers = ["model", "epochs", "accuracy per seed %", "mean", "sd", "tutorial", "delta pts"]
+    headers = [
+        "model",
+        "epochs",
+        "accuracy per seed %",
+        "mean",
+        "sd",
+        "mean-sd",
+        "tutorial",
+        "(mean-sd)-tutorial pts",
+    ]
     benchlib.print_table([*headers, "verdict"], rows)
     passed = sum(1 for row in summary if row["verdict"] == "PASS")
     print(f"{passed}/{len(summary)} PASS")
@@ -291,10 +336,12 @@ def summarise(args, results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         mean = statistics.fmean(accuracies) if accuracies else None
         sd = statistics.stdev(accuracies) if len(accuracies) > 1 else None
         published = PUBLISHED[model]
+        # One standard deviation below the mean: the figure must hold for an unlucky seed too.
+        low = None if mean is None else mean - (sd or 0.0)
         if len(accuracies) < len(runs) or mean is None:
             verdict = "ERROR"
         else:
-            verdict = "PASS" if mean >= published - args.tolerance / 100 else "FAIL"
+            verdict = "PASS" if low >= published - args.tolerance / 100 else "FAIL"
         summary.append(
             {
                 "model": model,
@@ -303,6 +350,7 @@ def summarise(args, results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 "accuracies": accuracies,
                 "mean": mean,
                 "sd": sd,
+                "mean_minus_sd": low,
                 "published": published,
                 "verdict": verdict,
             }

@@ -19,7 +19,7 @@ feeds the Estimator, needs Keras 2 and is left out there.
 import os
 import sys
 from types import MappingProxyType
-from typing import Callable, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 # TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
 # cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
@@ -30,6 +30,7 @@ if "tensorflow" not in sys.modules:
 from keras_models.backend import KERAS3, keras  # noqa: E402
 from keras_models.networks import (  # noqa: E402
     NETWORKS,
+    TRAINING_DEFAULTS,
     build_birnn,
     build_cnn,
     build_cnn_rnn,
@@ -92,6 +93,19 @@ def build_model(name: str, **hparams) -> keras.Model:
     return get_builder(name)(**hparams)
 
 
+def training_defaults(name) -> Dict[str, Any]:
+    """The training settings that the network registered as ``name`` uses by default.
+
+    Args:
+        name: A registry name, or any other model source (which has none).
+
+    Returns:
+        A new dict of settings such as ``{"lr_schedule": "cosine"}``; empty where the model
+        trains with the common defaults.
+    """
+    return dict(TRAINING_DEFAULTS.get(name, {})) if isinstance(name, str) else {}
+
+
 __all__ = [
     "LOGITS",
     "MODELS",
@@ -109,4 +123,5 @@ __all__ = [
     "model_label",
     "parse_model_params",
     "resolve_model",
+    "training_defaults",
 ]

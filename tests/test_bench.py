@@ -1,5 +1,6 @@
-"""The benchmarks' arithmetic: bench_throughput's medians, ratios and paired by-round ratio, and
-bench_serving's medians, ratios to onnxruntime and probability differences."""
+"""The benchmarks' arithmetic: bench_throughput's medians, ratios and paired by-round ratio,
+bench_serving's medians, ratios to onnxruntime and probability differences, and bench_accuracy's
+recipes and verdict."""
 
 import argparse
 import os
@@ -107,3 +108,36 @@ def test_serving_summary_takes_medians_ratios_to_onnxruntime_and_differences():
     assert serving["max_abs_diff"] == pytest.approx(2e-6)
     assert rows["onnxruntime"]["p50_ratio"] == 1.0
     assert rows["tf1_session"]["max_abs_diff"] == 0.0
+
+
+def test_accuracy_recipes_take_the_cli_defaults_or_the_tutorials_exact_ones():
+    import bench_accuracy
+
+    def config(*flags, model="rnn"):
+        args = bench_accuracy.parse_args(["--models", model, *flags])
+        return bench_accuracy.make_config(args, model, 0, "data", "model_dir")
+
+    # "tutorial": the tutorial's budget under the CLI's defaults for the network.
+    rnn = config()
+    assert (rnn.epochs, rnn.batch_size, rnn.augment) == (3, 128, False)
+    assert (rnn.learning_rate, rnn.lr_schedule) == (1e-3, "cosine")
+    assert config(model="cnn").lr_schedule == "constant"
+    # "tutorial_exact": Adam 1e-3 constant for every network; bench flags override recipes.
+    exact = config("--recipe=tutorial_exact")
+    assert (exact.epochs, exact.learning_rate, exact.lr_schedule) == (3, 1e-3, "constant")
+    assert config("--recipe=tutorial_exact", "--lr_schedule=cosine").lr_schedule == "cosine"
+    assert config("--learning_rate=2e-3").learning_rate == 2e-3
+
+
+def test_accuracy_verdict_is_on_the_mean_minus_one_standard_deviation():
+    import bench_accuracy
+
+    args = bench_accuracy.parse_args(["--models=rnn", "--seeds=0,1"])
+    runs = [
+        {"model": "rnn", "seed": s, "epochs": 3, "test_accuracy": a}
+        for s, a in ((0, 0.9860), (1, 0.9850))
+    ]
+    (row,) = bench_accuracy.summarise(args, runs)
+    assert row["mean"] == pytest.approx(0.9855) and row["sd"] == pytest.approx(0.000707, abs=1e-6)
+    # The mean beats the tutorial's 98.48 %, one sd below it does not.
+    assert row["mean_minus_sd"] < 0.9848 and row["verdict"] == "FAIL"
