@@ -240,30 +240,32 @@ def _batch1_zeros(inputs: Dict[str, tuple]) -> Dict[str, np.ndarray]:
 
 
 def _call_seconds(runs: Sequence[Callable[[], object]]) -> List[float]:
-    """A robust time of one call of each of ``runs``, for comparing them.
+    """The median time of a call of each of ``runs``, for comparing them.
 
     Each run is called ``_WARMUP_CALLS`` times untimed first (the first call compiles, optimises
-    and allocates). Then the runs take turns, ``_BLOCKS``
-    times, each turn one untimed call (after another run's threads) and up to ``_BLOCK_CALLS``
-    timed ones, at least two, fewer once ``_BLOCK_BUDGET_S`` has passed. A run's time is its
-    lowest median of a turn: a burst of other processes' work that hits one turn (on a shared
-    machine, easily several times a call's time) is left out, whichever run it hit. An error in
-    a run propagates.
+    and allocates). Then the runs take turns, ``_BLOCKS`` times, each turn one untimed call
+    (after another run's threads) and up to ``_BLOCK_CALLS`` timed ones, at least two, fewer
+    once ``_BLOCK_BUDGET_S`` has passed; a run's time is the median of all its timed calls.
+    Taking turns spreads a change in the machine's load over all runs, and the median leaves
+    out a burst that hits a few calls; a slowdown that lasts (an engine whose threads wait on
+    each other while other processes hold the cores) counts. An error in a run propagates.
     """
     for run in runs:
         for _ in range(_WARMUP_CALLS):
             run()
-    medians: List[List[float]] = [[] for _ in runs]
+    times: List[List[float]] = [[] for _ in runs]
     for _ in range(_BLOCKS):
-        for run, found in zip(runs, medians):
+        for run, found in zip(runs, times):
             run()
-            times: List[float] = []
-            while len(times) < _BLOCK_CALLS and (len(times) < 2 or sum(times) < _BLOCK_BUDGET_S):
+            spent = 0.0
+            for call in range(_BLOCK_CALLS):
+                if call >= 2 and spent > _BLOCK_BUDGET_S:
+                    break
                 start = time.perf_counter()
                 run()
-                times.append(time.perf_counter() - start)
-            found.append(float(np.median(times)))
-    return [min(found) for found in medians]
+                found.append(time.perf_counter() - start)
+                spent += found[-1]
+    return [float(np.median(found)) for found in times]
 
 
 _PROGRAMS = itertools.count()
@@ -564,9 +566,9 @@ def load(
             signatures.
         xla_max_batch: The largest batch XLA may serve; larger ones run on the Session.
         engine: ``"auto"``: the faster of the engines that can serve (:func:`available_engines`),
-            timed at load on batch-1 zeros of the export's input shape (the calls alternate
-            between the engines; each engine's lowest median of 3 turns of a few calls); the
-            first listed, onnxruntime, is kept unless another is 10 % faster. Or
+            timed at load on batch-1 zeros of the export's input shape (the median of up to 15
+            calls each, in 3 turns alternating between the engines); the first listed,
+            onnxruntime, is kept unless another is 10 % faster. Or
             ``"onnxruntime"`` or ``"tensorflow"``, forced without timing.
 
     Returns:
