@@ -14,8 +14,8 @@ extra installed, the same predict graph as ``model.onnx`` in the version folder
   shapes compile; whether XLA serves them is decided at load by timing both at batch 1.
 
 When both can serve, :func:`load` loads both and times each at batch 1 the same way, keeping the
-faster (onnxruntime ran the four networks 2.5-4.5x faster than TensorFlow, but TensorFlow ran a
-MobileNetV2 4.4x faster: docs/serving.md). ``engine=`` forces one without timing;
+faster at batch 1: which one is depends on the network, the CPU and the machine's load
+(docs/serving.md). ``engine=`` forces one without timing;
 ``model.engine`` says which serves, ``model.engine_timings`` what the timing found, and the
 ``serving`` logger says both at INFO level. Calls are thread-safe on both engines. The module
 imports neither ``tensorflow_estimator`` nor anything else of this project, and onnxruntime only
