@@ -5,8 +5,7 @@ extra installed, the same predict graph as ``model.onnx`` in the version folder
 (``onnx_export``). :func:`load` picks the engine when it loads (docs/serving.md):
 
 * ``"onnxruntime"``: the ONNX file on onnxruntime, for the raw-image signatures
-  (``serving_default``, ``predict``) when the file is there and onnxruntime imports. It ran the
-  four networks 2.5-4.5x faster than TensorFlow at batch 1 (docs/serving.md).
+  (``serving_default``, ``predict``) when the file is there and onnxruntime imports.
 * ``"tensorflow"``: the SavedModel, always available and the only engine for the ``tf.Example``
   signatures. It loads the SavedModel the way TF Serving does, into a ``Session``, folds the
   variables into constants (so oneDNN keeps its reordered weights between calls) and runs one
@@ -14,10 +13,13 @@ extra installed, the same predict graph as ``model.onnx`` in the version folder
   the same frozen graph compiled by XLA instead, padded to a power of two so at most a handful of
   shapes compile; whether XLA serves them is decided at load by timing both at batch 1.
 
-``engine=`` forces one; ``model.engine`` says which serves, and the ``serving`` logger says it
-at INFO level. Calls are thread-safe on both engines. The module imports neither
-``tensorflow_estimator`` nor anything else of this project, and onnxruntime only when it is
-used, so it loads where only TensorFlow is installed, newer versions included::
+When both can serve, :func:`load` loads both and times each at batch 1 the same way, keeping the
+faster at batch 1: which one is depends on the network, the CPU and the machine's load
+(docs/serving.md). ``engine=`` forces one without timing;
+``model.engine`` says which serves, ``model.engine_timings`` what the timing found, and the
+``serving`` logger says both at INFO level. Calls are thread-safe on both engines. The module
+imports neither ``tensorflow_estimator`` nor anything else of this project, and onnxruntime only
+when it is used, so it loads where only TensorFlow is installed, newer versions included::
 
     import serving
 
@@ -32,13 +34,14 @@ used, so it loads where only TensorFlow is installed, newer versions included::
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 # TensorFlow prints about 14 lines of C++ start-up notices when it is first imported (CUDA,
 # cuDNN, cuFFT, cuBLAS and TensorRT registration on a machine without a GPU, a CPU banner): hidden
@@ -60,7 +63,16 @@ ONNX_FILE = "model.onnx"
 _log = logging.getLogger(__name__)
 # Batches up to this size may go through XLA (see the module docstring).
 XLA_MAX_BATCH = 32
-_TIMED_CALLS = 15  # batch-1 calls timed per path when xla="auto" (after a warm-up call each)
+# Timing at load (xla="auto", engine="auto"; _call_seconds): _WARMUP_CALLS untimed calls of
+# each candidate, then _BLOCKS turns each of one untimed and up to _BLOCK_CALLS timed calls
+# (fewer once _BLOCK_BUDGET_S has passed), so a slow network's timing stays near a second or two.
+_WARMUP_CALLS = 1
+_BLOCKS = 3
+_BLOCK_CALLS = 5
+_BLOCK_BUDGET_S = 0.2
+# engine="auto" keeps the first engine of available_engines unless another one's batch-1 median
+# is this much lower: a few percent apart is the noise of a dozen calls on a shared machine.
+_ENGINE_MARGIN = 0.9
 
 
 class ServedModel:
@@ -70,6 +82,7 @@ class ServedModel:
         path: The SavedModel folder.
         signature_key: The signature served.
         engine: ``"tensorflow"``.
+        engine_timings: Engine -> batch-1 time in ms, as timed by :func:`load` (or empty).
         inputs: Input key -> ``(dtype, shape)`` of the signature (``None`` for unknown sizes).
         outputs: The output keys, in the order they are returned.
     """
@@ -155,24 +168,13 @@ class ServedModel:
         return self._xla is not None
 
     def _xla_is_faster(self) -> bool:
-        """Times both paths on batch-1 zeros (the median of a few calls each)."""
-        values = [
-            np.zeros([1, *[d or 1 for d in shape[1:]]], dtype)
-            for dtype, shape in self.inputs.values()
-        ]
-        timings = []
-        for run in (lambda: self._run(*values), lambda: self._xla(values)):
-            try:
-                run()  # compiles (XLA) or optimises (Session) once
-            except tf.errors.OpError:  # A graph XLA cannot compile.
-                return False
-            times = []
-            for _ in range(_TIMED_CALLS):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            timings.append(np.median(times))
-        return timings[1] < timings[0]
+        """Times both paths on batch-1 zeros (:func:`_call_seconds`)."""
+        values = list(_batch1_zeros(self.inputs).values())
+        try:
+            session, xla = _call_seconds([lambda: self._run(*values), lambda: self._xla(values)])
+        except tf.errors.OpError:  # A graph XLA cannot compile.
+            return False
+        return xla < session
 
     def __call__(self, *args, **kwargs) -> Dict[str, np.ndarray]:
         """Runs the signature.
@@ -227,6 +229,43 @@ def _python_log_level(level: str):
         yield
     finally:
         logger.setLevel(previous)
+
+
+def _batch1_zeros(inputs: Dict[str, tuple]) -> Dict[str, np.ndarray]:
+    """A batch of one zero input per key of a model's ``inputs`` (unknown sizes become 1)."""
+    return {
+        key: np.zeros([1, *[d or 1 for d in shape[1:]]], dtype)
+        for key, (dtype, shape) in inputs.items()
+    }
+
+
+def _call_seconds(runs: Sequence[Callable[[], object]]) -> List[float]:
+    """The median time of a call of each of ``runs``, for comparing them.
+
+    Each run is called ``_WARMUP_CALLS`` times untimed first (the first call compiles, optimises
+    and allocates). Then the runs take turns, ``_BLOCKS`` times, each turn one untimed call
+    (after another run's threads) and up to ``_BLOCK_CALLS`` timed ones, at least two, fewer
+    once ``_BLOCK_BUDGET_S`` has passed; a run's time is the median of all its timed calls.
+    Taking turns spreads a change in the machine's load over all runs, and the median leaves
+    out a burst that hits a few calls; a slowdown that lasts (an engine whose threads wait on
+    each other while other processes hold the cores) counts. An error in a run propagates.
+    """
+    for run in runs:
+        for _ in range(_WARMUP_CALLS):
+            run()
+    times: List[List[float]] = [[] for _ in runs]
+    for _ in range(_BLOCKS):
+        for run, found in zip(runs, times):
+            run()
+            spent = 0.0
+            for call in range(_BLOCK_CALLS):
+                if call >= 2 and spent > _BLOCK_BUDGET_S:
+                    break
+                start = time.perf_counter()
+                run()
+                found.append(time.perf_counter() - start)
+                spent += found[-1]
+    return [float(np.median(found)) for found in times]
 
 
 _PROGRAMS = itertools.count()
@@ -382,6 +421,7 @@ class OnnxModel:
         onnx_path: The ONNX file.
         signature_key: The signature served.
         engine: ``"onnxruntime"``.
+        engine_timings: Engine -> batch-1 time in ms, as timed by :func:`load` (or empty).
         inputs: ``{"image": (np.float32, shape)}`` (``None`` for unknown sizes).
         outputs: The output keys, in the order they are returned.
         class_names: The dataset's class names by class index, from the file's metadata.
@@ -482,7 +522,10 @@ def _signature_outputs(path: str, signature_key: str) -> List[str]:
 
 
 def available_engines(path: str, signature_key: str = "serving_default") -> List[str]:
-    """The engines that can serve ``signature_key`` of the export at ``path``, fastest first."""
+    """The engines that can serve ``signature_key`` of the export at ``path``.
+
+    In :func:`load`'s order of preference: the first is kept unless another is clearly faster.
+    """
     path = latest_version(path) or path
     engines = []
     if signature_key in ONNX_SIGNATURES and os.path.exists(os.path.join(path, ONNX_FILE)):
@@ -522,13 +565,17 @@ def load(
             ``xla_max_batch`` compiles on first use (0.5-1.5 s each). Not for ``tf.Example``
             signatures.
         xla_max_batch: The largest batch XLA may serve; larger ones run on the Session.
-        engine: ``"auto"`` (the first of :func:`available_engines`: onnxruntime when the export
-            has ``model.onnx``, onnxruntime imports and the signature takes raw images, else
-            TensorFlow), ``"onnxruntime"`` or ``"tensorflow"``.
+        engine: ``"auto"``: the faster of the engines that can serve (:func:`available_engines`),
+            timed at load on batch-1 zeros of the export's input shape (the median of up to 15
+            calls each, in 3 turns alternating between the engines); the first listed,
+            onnxruntime, is kept unless another is 10 % faster. Or
+            ``"onnxruntime"`` or ``"tensorflow"``, forced without timing.
 
     Returns:
-        An :class:`OnnxModel` or a :class:`ServedModel` (``.engine`` says which):
-        ``model(image=batch)`` -> ``{"classes": ..., ...}``.
+        An :class:`OnnxModel` or a :class:`ServedModel`: ``model(image=batch)`` ->
+        ``{"classes": ..., ...}``. ``.engine`` says which engine serves; ``.engine_timings``
+        maps each engine timed at load to its batch-1 time in milliseconds (empty when one
+        engine was forced or only one could serve).
 
     Raises:
         ValueError: An unknown engine, or one that cannot serve this export or signature.
@@ -536,7 +583,7 @@ def load(
     path = latest_version(path) or path
     choices = available_engines(path, signature_key)
     if engine == "auto":
-        engine = choices[0]
+        candidates = choices
     elif engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose from auto, {', '.join(ENGINES)}")
     elif engine not in choices:
@@ -544,16 +591,65 @@ def load(
             f"engine {engine!r} cannot serve {signature_key!r} of {path} (it needs "
             f"{ONNX_FILE} in the export, the onnx extra installed and a raw-image signature)"
         )
-    if engine == "onnxruntime":
-        model: Union[OnnxModel, ServedModel] = OnnxModel(
-            path, signature_key, intra_op_threads, inter_op_threads
-        )
     else:
-        model = ServedModel(
+        candidates = [engine]
+
+    def build(name: str) -> Union[OnnxModel, ServedModel]:
+        if name == "onnxruntime":
+            return OnnxModel(path, signature_key, intra_op_threads, inter_op_threads)
+        return ServedModel(
             path, signature_key, freeze, intra_op_threads, inter_op_threads, xla, xla_max_batch
         )
-    _log.info("serving %s (%s) on %s", path, signature_key, engine)
+
+    if len(candidates) == 1:
+        model = build(candidates[0])
+        model.engine_timings = {}
+    else:
+        model = _fastest(candidates, build)
+    timed = ", ".join(f"{name} {ms:.3g} ms" for name, ms in model.engine_timings.items())
+    _log.info(
+        "serving %s (%s) on %s%s",
+        path,
+        signature_key,
+        model.engine,
+        f" (batch-1 time at load: {timed})" if timed else "",
+    )
     return model
+
+
+def _fastest(
+    candidates: List[str], build: Callable[[str], Union[OnnxModel, ServedModel]]
+) -> Union[OnnxModel, ServedModel]:
+    """Loads each engine and keeps the fastest at batch 1 (:func:`load`, :func:`_call_seconds`).
+
+    An engine other than the last (TensorFlow, the fallback) that fails to load or to run is
+    skipped with a warning on the ``serving`` logger.
+    """
+    models, calls = {}, {}
+    for name in candidates:
+        model = None
+        try:
+            model = build(name)
+            calls[name] = functools.partial(model, **_batch1_zeros(model.inputs))
+            calls[name]()  # fails here, if at all
+        except Exception as error:  # noqa: BLE001 - the last engine still serves
+            calls.pop(name, None)
+            if model is not None:
+                model.close()
+            if name == candidates[-1]:
+                raise
+            _log.warning("serving: engine %s skipped: %s: %s", name, type(error).__name__, error)
+            continue
+        models[name] = model
+    seconds = dict(zip(calls, _call_seconds(list(calls.values()))))
+    first = next(iter(seconds))
+    best = min(seconds, key=seconds.get)
+    chosen = best if seconds[best] < _ENGINE_MARGIN * seconds[first] else first
+    for name, model in models.items():
+        if name != chosen:
+            model.close()
+    models[chosen].engine_timings = {name: 1000 * value for name, value in seconds.items()}
+    return models[chosen]
 
 
 def latest_version(export_dir: str) -> Optional[str]:

@@ -10,7 +10,10 @@ classes). Then it measures each path, each run in a fresh process, in alternatin
 order rotates:
 
 * ``serving``: ``serving.load(path)``, the recommended in-process path: its own engine choice
-  (onnxruntime on ``model.onnx`` when it can);
+  (onnxruntime and TensorFlow timed at batch 1 during the load, the faster kept; the run reports
+  which, and what the timing found);
+* ``serving_onnxruntime``: ``serving.load(path, engine="onnxruntime")``: forced, no timing (its
+  load time against ``serving``'s is what the choice costs);
 * ``onnxruntime``: a bare ``onnxruntime.InferenceSession`` on the same ``model.onnx`` (default
   options), ``session.run(["probabilities", "classes"], {"image": x})``;
 * ``openvino``: OpenVINO's ``compile_model`` on the same ``model.onnx`` (CPU, float32
@@ -25,9 +28,10 @@ order rotates:
 
 Every path is handed numpy float32 images in [0, 1] (real MNIST test digits; generated ones for
 mobilenet_v2) and returns numpy probabilities; converting them is part of each call. Per run:
-batch-1 latency over ``--latency_calls`` distinct images after ``--warmup_calls``, each call
-timed alone (p50, p90, p99), and batch-``--throughput_batch`` examples/s over
-``--throughput_calls`` back-to-back calls after 3 warm-up calls. Each run also returns the
+the load time (``load_s``; for ``serving``, its timing of the engines included), batch-1
+latency over ``--latency_calls`` distinct images after ``--warmup_calls``, each call timed alone
+(p50, p90, p99), and batch-``--throughput_batch`` examples/s over ``--throughput_calls``
+back-to-back calls after ``--throughput_warmup`` untimed ones. Each run also returns the
 probabilities of the first 256 images, and the report gives every path's largest difference
 from ``tf1_session``'s. The summary has the median over rounds of each figure and each path's
 ratio to bare onnxruntime's (latency: path / onnxruntime, the goal for ``serving`` at most 1.05x
@@ -63,6 +67,7 @@ import keras_models
 
 PATHS = (
     "serving",
+    "serving_onnxruntime",
     "onnxruntime",
     "openvino",
     "serving_tensorflow",
@@ -79,7 +84,7 @@ DEFAULT_PATHS = tuple(
 )
 # Paths whose one predictor may be called from several threads at once (OpenVINO's single infer
 # request may not).
-THREAD_SAFE = ("serving", "onnxruntime", "serving_tensorflow", "tf1_session")
+THREAD_SAFE = ("serving", "serving_onnxruntime", "onnxruntime", "serving_tensorflow", "tf1_session")
 MOBILENET = "mobilenet_v2"
 MODELS = (*keras_models.MODEL_NAMES, MOBILENET)
 REFERENCE = "tf1_session"  # the path whose probabilities the others are compared with
@@ -93,6 +98,7 @@ FLAG_ORDER = (
     "latency_calls",
     "throughput_batch",
     "throughput_calls",
+    "throughput_warmup",
     "threads",
     "interleaved",
     "mobilenet_steps",
@@ -112,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency_calls", type=int, default=500)
     parser.add_argument("--throughput_batch", type=int, default=512)
     parser.add_argument("--throughput_calls", type=int, default=10)
+    parser.add_argument("--throughput_warmup", type=int, default=3, help="Untimed batch calls.")
     parser.add_argument(
         "--threads", type=int, default=8, help="Threads sharing one predictor (batch 1); 1: off."
     )
@@ -142,8 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be positive")
-    if args.warmup_calls < 0:
-        parser.error("--warmup_calls must be >= 0")
+    if args.warmup_calls < 0 or args.throughput_warmup < 0:
+        parser.error("--warmup_calls and --throughput_warmup must be >= 0")
     args.work_dir = os.path.abspath(args.work_dir)
     return args
 
@@ -211,7 +218,8 @@ def make_predict(path: str, saved_model: str, onnx_path: str) -> Callable[[np.nd
     """Loads ``saved_model`` (or its ``model.onnx``) the ``path`` way.
 
     Returns:
-        ``predict(images) -> probabilities`` (numpy in, numpy out).
+        ``predict(images) -> probabilities`` (numpy in, numpy out); for the ``serving*`` paths
+        with the loaded model as its ``served`` attribute.
     """
     if path == "tf2_signature":
         import tensorflow as tf
@@ -234,12 +242,18 @@ def make_predict(path: str, saved_model: str, onnx_path: str) -> Callable[[np.nd
 
         options = {
             "serving": {},
+            "serving_onnxruntime": {"engine": "onnxruntime"},
             "serving_tensorflow": {"engine": "tensorflow"},
             "serving_session": {"engine": "tensorflow", "xla": False},
             "serving_xla": {"engine": "tensorflow", "xla": True},
         }[path]
         served = serving.load(saved_model, **options)
-        return lambda x: served(image=x)["probabilities"]
+
+        def predict(x):
+            return served(image=x)["probabilities"]
+
+        predict.served = served
+        return predict
     if path == "openvino":
         import openvino
 
@@ -272,8 +286,9 @@ def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any
         images = test_images(args, model)
         started = time.perf_counter()
         predict = make_predict(path, files["saved_model"], files["onnx"])
-        checked = np.asarray(predict(images[:CHECKED]))
         load_s = time.perf_counter() - started
+        served = getattr(predict, "served", None)
+        checked = np.asarray(predict(images[:CHECKED]))
 
         singles = [images[i : i + 1] for i in range(1000)]
         for i in range(args.warmup_calls):
@@ -288,7 +303,7 @@ def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any
         batch = args.throughput_batch
         starts = range(0, max(len(images) - batch, 0) + 1, batch)
         batches = [images[s : s + batch] for s in starts]
-        for i in range(3):
+        for i in range(args.throughput_warmup):
             predict(batches[i % len(batches)])
         start = time.perf_counter()
         for i in range(args.throughput_calls):
@@ -300,6 +315,8 @@ def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any
             threaded = threaded_rate(predict, singles, args.threads, args.latency_calls)
         return {
             "load_s": load_s,
+            "engine": None if served is None else served.engine,
+            "engine_timings_ms": None if served is None else served.engine_timings,
             "p50_ms": float(p50),
             "p90_ms": float(p90),
             "p99_ms": float(p99),
@@ -365,11 +382,11 @@ def interleaved(args, model: str, files: Dict[str, str]) -> Dict[str, Any]:
                     times[name].append(1000 * (time.perf_counter() - start))
         batch = images[: args.throughput_batch]
         spent = {name: 0.0 for name in calls}
-        for i in range(args.throughput_calls + 2):
+        for i in range(args.throughput_calls + args.throughput_warmup):
             for name in list(calls) if i % 2 else list(calls)[::-1]:
                 start = time.perf_counter()
                 calls[name](batch)
-                if i >= 2:
+                if i >= args.throughput_warmup:
                     spent[name] += time.perf_counter() - start
         result = {}
         for name in calls:
@@ -377,6 +394,7 @@ def interleaved(args, model: str, files: Dict[str, str]) -> Dict[str, Any]:
             rate = args.throughput_calls * len(batch) / spent[name]
             result[name] = {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "examples_per_sec": rate}
         result["engine"] = served.engine
+        result["engine_timings_ms"] = served.engine_timings
         return result
     except Exception as error:  # noqa: BLE001 - report, keep the other runs going
         traceback.print_exc()
@@ -393,7 +411,7 @@ def run_isolated(args, path: str, model: str, files: Dict[str, str]) -> Dict[str
 # Report
 # --------------------------------------------------------------------------------------------
 
-FIGURES = ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec", "threaded_calls_per_sec")
+FIGURES = ("p50_ms", "p90_ms", "p99_ms", "examples_per_sec", "threaded_calls_per_sec", "load_s")
 
 
 def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -409,6 +427,12 @@ def summarise(args, runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 f: benchlib.median([r[f] for r in case if r.get(f) is not None]) for f in FIGURES
             }
             medians[path]["rounds"] = len(case)
+            # The engines serving.load chose, e.g. "onnxruntime" or "onnxruntime 2, tensorflow 1".
+            engines = [r["engine"] for r in case if r.get("engine")]
+            medians[path]["engine"] = ", ".join(
+                f"{e} {engines.count(e)}" if len(set(engines)) > 1 else e
+                for e in sorted(set(engines))
+            )
             medians[path]["max_abs_diff"] = (
                 max(
                     float(np.abs(np.asarray(r["probabilities"]) - reference[0]).max()) for r in case
@@ -451,6 +475,8 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
             "p99/ort",
             "ex/s/ort",
             f"b1 x{args.threads} calls/s",
+            "load s",
+            "engine",
             "max |dp|",
         ],
         [
@@ -465,6 +491,8 @@ def print_summary(args, rows: List[Dict[str, Any]]) -> None:
                 ratio(row, "p99_ratio"),
                 ratio(row, "throughput_ratio"),
                 benchlib.fmt_rate(row["threaded_calls_per_sec"]),
+                "-" if row["load_s"] != row["load_s"] else f"{row['load_s']:.2f}",
+                row["engine"] or "-",
                 "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}",
             ]
             for row in rows
@@ -492,13 +520,21 @@ def summarise_interleaved(args, runs: List[Dict[str, Any]]) -> List[Dict[str, An
     return rows
 
 
+def chosen(result: Dict[str, Any]) -> str:
+    """`` on onnxruntime (timed at load: onnxruntime 0.41 ms, tensorflow 1.9 ms)`` or ``""``."""
+    if not result.get("engine"):
+        return ""
+    timed = ", ".join(f"{k} {v:.3g} ms" for k, v in (result["engine_timings_ms"] or {}).items())
+    return f" on {result['engine']}" + (f" (timed at load: {timed})" if timed else "")
+
+
 def print_interleaved(model: str, round_index: int, result: Dict[str, Any]) -> None:
     if result.get("error"):
         print(f"{model:8s} interleaved round {round_index}: {result['error']}")
         return
     ours, ort = result["serving"], result["onnxruntime"]
     print(
-        f"{model:8s} interleaved round {round_index}: serving.load ({result['engine']}) / bare "
+        f"{model:8s} interleaved round {round_index}: serving.load{chosen(result)} / bare "
         f"onnxruntime: batch 1 p50 {ours['p50_ms']:.3f} / {ort['p50_ms']:.3f} ms "
         f"({ours['p50_ms'] / ort['p50_ms']:.3f}x), p90 {ours['p90_ms'] / ort['p90_ms']:.3f}x, "
         f"p99 {ours['p99_ms']:.3f} / {ort['p99_ms']:.3f} ms "
@@ -538,7 +574,7 @@ def main(argv=None) -> int:
                         f"{model:8s} {path:14s} round {round_index}: batch 1 p50 "
                         f"{result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms; batch "
                         f"{args.throughput_batch} {result['examples_per_sec']:,.0f} ex/s; "
-                        f"load {result['load_s']:.1f}s",
+                        f"load {result['load_s']:.2f}s{chosen(result)}",
                         flush=True,
                     )
     if args.interleaved:

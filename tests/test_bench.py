@@ -79,19 +79,30 @@ def test_summary_without_both_peers_has_no_by_round_column(capsys):
     assert line.split() == "cnn 128 1,000 800 1.25x - 6.0 6.0".split()
 
 
-def test_serving_summary_takes_medians_ratios_to_onnxruntime_and_differences():
-    args = argparse.Namespace(models=["cnn"], paths=["serving", "onnxruntime", "tf1_session"])
+def test_serving_summary_takes_medians_ratios_to_onnxruntime_and_differences(capsys):
+    args = argparse.Namespace(
+        models=["cnn"],
+        paths=["serving", "onnxruntime", "tf1_session"],
+        rounds=3,
+        latency_calls=10,
+        warmup_calls=1,
+        throughput_batch=512,
+        throughput_calls=2,
+        threads=1,
+    )
     runs = []
-    for path, p50s, rates, shift in (
-        ("serving", [3.0, 1.0, 2.0], [900.0, 1100.0, 1000.0], 2e-6),
-        ("onnxruntime", [1.0, 0.5, 2.0], [2000.0, 1000.0, 1500.0], 0.0),
-        ("tf1_session", [4.0, 4.0, 4.0], [500.0, 500.0, 500.0], 0.0),
+    for path, p50s, rates, shift, engines in (
+        ("serving", [3.0, 1.0, 2.0], [900.0, 1100.0, 1000.0], 2e-6, ["onnxruntime"] * 2),
+        ("onnxruntime", [1.0, 0.5, 2.0], [2000.0, 1000.0, 1500.0], 0.0, [None] * 3),
+        ("tf1_session", [4.0, 4.0, 4.0], [500.0, 500.0, 500.0], 0.0, [None] * 3),
     ):
-        for p50, rate in zip(p50s, rates):
+        for p50, rate, engine in zip(p50s, rates, [*engines, "tensorflow"]):
             runs.append(
                 {
                     "model": "cnn",
                     "path": path,
+                    "load_s": p50 / 2,
+                    "engine": engine,
                     "p50_ms": p50,
                     "p90_ms": 2 * p50,
                     "p99_ms": 4 * p50,
@@ -108,6 +119,12 @@ def test_serving_summary_takes_medians_ratios_to_onnxruntime_and_differences():
     assert serving["max_abs_diff"] == pytest.approx(2e-6)
     assert rows["onnxruntime"]["p50_ratio"] == 1.0
     assert rows["tf1_session"]["max_abs_diff"] == 0.0
+    # serving.load's choice in each round, and the median load time.
+    assert serving["engine"] == "onnxruntime 2, tensorflow 1" and serving["load_s"] == 1.0
+    assert rows["onnxruntime"]["engine"] == ""
+    bench_serving.print_summary(args, list(rows.values()))
+    line = capsys.readouterr().out.splitlines()[-3]
+    assert line.split()[:3] == ["cnn", "serving", "2.00"] and "onnxruntime 2, tensorflow 1" in line
 
 
 def test_accuracy_recipes_take_the_cli_defaults_or_the_tutorials_exact_ones():

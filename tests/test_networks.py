@@ -5,13 +5,14 @@ The same config trained again must write a bit-identical checkpoint (initial wei
 input order and augmentation all seeded), another seed must not. Each run is exported once; one
 fresh interpreter that imports only TensorFlow, numpy and ``serving`` (no ``tfenv``, no
 Estimator) serves the four exports, one after the other as a server holding several models would,
-through ``serving.load`` (its own choice, onnxruntime on the export's ``model.onnx``; the
-TensorFlow engine: raw images through XLA, padded or not, and through the Session; ``tf.Example``
-receivers; frozen and not), TF Serving's loader (``tf.compat.v1.saved_model.load`` +
-``Session.run``) and TensorFlow 2's ``signatures``, which must ignore ``model.onnx`` in the
-version folder; all must match ``estimator.predict`` to 1e-5. Four exports in one process also
-cover the function names that XLA's eager import registers process-wide. The same interpreter
-runs ``saved_model_cli show --all`` on each. One model is also called from 8 threads at once.
+through ``serving.load`` (onnxruntime on the export's ``model.onnx``; the TensorFlow engine: raw
+images through XLA, padded or not, and through the Session; ``tf.Example`` receivers; frozen and
+not), TF Serving's loader (``tf.compat.v1.saved_model.load`` + ``Session.run``) and TensorFlow
+2's ``signatures``, which must ignore ``model.onnx`` in the version folder; all must match
+``estimator.predict`` to 1e-5. Four exports in one process also cover the function names that
+XLA's eager import registers process-wide. The same interpreter runs ``saved_model_cli show
+--all`` on each. One model is also called from 8 threads at once, and ``serving.load``'s timed
+choice between the engines keeps the faster.
 """
 
 import concurrent.futures
@@ -21,6 +22,7 @@ import pickle
 import re
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -128,9 +130,8 @@ for number, path in enumerate(paths):
     out = {}
     # The export's model.onnx sits in the version folder every loader below reads.
     assert os.path.exists(os.path.join(path, "model.onnx"))
-    auto = serving.load(path)
-    assert auto.engine == "onnxruntime", auto.engine
-    out["serving"] = auto(image=images)["probabilities"]
+    # Each engine forced (serving.load's timed choice between them: test_auto_engine_...).
+    out["serving_onnx"] = serving.load(path, engine="onnxruntime")(image=images)["probabilities"]
     out["serving_onnx_predict"] = serving.load(path, "predict", engine="onnxruntime")(
         images)["probabilities"]
     tf_auto = serving.load(path, engine="tensorflow")
@@ -308,3 +309,54 @@ def test_engine_choice_without_onnxruntime_and_when_forced(exports, monkeypatch)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with serving.load(path, xla=False) as model:
         assert model.engine == "tensorflow"
+
+
+def _slowed(monkeypatch, engine_class, seconds: float) -> list:
+    """Makes every call of ``engine_class`` models ``seconds`` slower; returns the call log."""
+    calls = []
+    call = engine_class.__call__
+
+    def slow(self, *args, **kwargs):
+        calls.append(self)
+        time.sleep(seconds)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_class, "__call__", slow)
+    return calls
+
+
+def test_auto_engine_is_the_faster_one_timed_at_load(exports, test_digits, monkeypatch):
+    path, images = exports["cnn"], test_digits[0]
+    auto = serving.load(path, xla=False)
+    timings = auto.engine_timings
+    assert set(timings) == {"onnxruntime", "tensorflow"} and min(timings.values()) > 0
+    # onnxruntime (listed first) unless TensorFlow's batch-1 time was 10 % below its.
+    assert (auto.engine == "tensorflow") == (timings["tensorflow"] < 0.9 * timings["onnxruntime"])
+    forced = serving.load(path, engine=auto.engine, xla=False)
+    np.testing.assert_allclose(
+        auto(image=images)["probabilities"], forced(image=images)["probabilities"], atol=1e-6
+    )
+    # An engine made 50 ms slower per call loses, whichever it is; forcing one times nothing.
+    for slow, fast in ((serving.OnnxModel, "tensorflow"), (serving.ServedModel, "onnxruntime")):
+        with monkeypatch.context() as patch:
+            calls = _slowed(patch, slow, 0.05)
+            model = serving.load(path, xla=False)
+            assert model.engine == fast, model.engine_timings
+            assert model.engine_timings[slow.engine] >= 50 > model.engine_timings[fast]
+            assert len(calls) >= 3 * 3  # 3 turns of an untimed and at least 2 timed calls
+            calls.clear()
+            assert serving.load(path, engine=slow.engine, xla=False).engine_timings == {}
+            assert calls == []
+
+
+def test_auto_engine_falls_back_to_tensorflow_when_onnxruntime_fails(exports, caplog, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cannot read model.onnx")
+
+    monkeypatch.setattr(serving.OnnxModel, "__init__", broken)
+    with caplog.at_level("WARNING", logger="serving"):
+        model = serving.load(exports["cnn"], xla=False)
+    assert model.engine == "tensorflow" and model.engine_timings.keys() == {"tensorflow"}
+    assert "engine onnxruntime skipped: RuntimeError: cannot read model.onnx" in caplog.text
+    with pytest.raises(RuntimeError, match="cannot read model.onnx"):  # forced: no fallback
+        serving.load(exports["cnn"], engine="onnxruntime")
