@@ -1,20 +1,29 @@
 """``prepare`` on Apache Beam: the same records as the local engine, from a laptop to a cluster.
 
-The pipeline: list the source's records in work items (ranges of records; for image folders
-the files themselves) -> read, decode and encode in the workers (the sources' own ``chunks`` and
-the local engine's :class:`~data_pipeline.spec.ExampleEncoder`) -> key each record by a salted
-MD5 of its ``(split, index)`` -> bucket by hash range into the split's shards -> group by shard
--> sort each shard by hash and write it under a temporary name, then rename. As in TensorFlow
-Datasets' ``BeamWriter``, the shards' bytes depend only on the source and the settings, not on
-the runner, the worker count or the bundle boundaries, so two runs give byte-identical shards.
-Each shard holds about ``records_per_shard`` records (hash buckets are not exactly equal).
+As in TensorFlow Datasets' ``BeamWriter``, each record is keyed by a salted MD5 of its
+``(split, index)``, bucketed by hash range into the split's shards, and each shard is sorted by
+key, so the shards' bytes depend only on the source and the settings, not on the runner, the
+worker count or the bundle boundaries: two runs give byte-identical shards. Each shard holds
+about ``records_per_shard`` records (hash buckets are not exactly equal).
 
-Atomicity and resuming: every written shard is renamed into place, then journalled as a small
-JSON file in ``.tmp-beam-work/`` (its record count, size and, for image folders, its records'
-files). The driver writes the manifests and ``dataset_spec.json`` last, after the pipeline
-succeeded, so a failed or killed run leaves no spec. A rerun with the same source and settings
-keeps the journalled shards and writes only the others (it still reads and decodes the whole
-source: records are bucketed after decoding).
+The key depends on the record's position, not its content, so the driver knows every record's
+shard and place in it before anything is read. Two pipeline shapes follow from the sources:
+
+- Image folders (one file per record, the sources that grow to millions): the driver lists each
+  shard's files in key order; one work item per shard, in which a worker reads, decodes,
+  encodes (the local engine's :class:`~data_pipeline.spec.ExampleEncoder`) and writes the whole
+  shard. No record crosses Beam's shuffle: only file names travel, memory stays flat, and the
+  work spreads over the workers shard by shard.
+- IDX and ``.npz`` sources (one file, read from its start): ranges of records are read and
+  encoded in the workers, grouped by shard (Beam's ``GroupByKey``: every record crosses the
+  shuffle), sorted and written.
+
+Every shard is written under a temporary name and renamed into place, then journalled as a
+small JSON file in ``.tmp-beam-work/`` (its record count, size and, for image folders, its
+records' files). The driver writes the manifests and ``dataset_spec.json`` last, after the
+pipeline succeeded, so a failed or killed run leaves no spec. A rerun with the same source and
+settings keeps the journalled shards and writes only the others (image folders read only the
+missing shards' files; IDX and ``.npz`` sources are read whole again).
 
 Runner: without ``--runner`` in ``beam_options``, Beam's Python ``FnApiRunner`` runs the
 pipeline here with one worker process per core (``direct_running_mode=multi_processing``,
@@ -30,6 +39,7 @@ raised again here as the same one line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -87,9 +97,6 @@ _ERROR_TEXT = re.compile(re.escape(_ERROR_START) + r"(\{.*?\})" + re.escape(_ERR
 # Work items per worker for sources read by seeking into one file (IDX, npz): few, because
 # each item reads (gzip: decompresses) its file up to its first record.
 _ITEMS_PER_WORKER = 4
-# Image files per work item, at most (fewer if a chunk of decoded images would exceed
-# ``chunk_bytes``): enough items to keep every worker busy until the end.
-_FILES_PER_ITEM = 256
 
 
 def record_key(split: str, index: int) -> bytes:
@@ -115,20 +122,15 @@ def _error_from_text(text: str) -> Optional[DataError]:
     return DataError(payload["problem"], path=payload["path"], fix=payload["fix"])
 
 
-class _ReadEncode(beam.DoFn):
-    """Reads one work item's records, encodes them and keys each by (split, shard).
+class _WorkerDoFn(beam.DoFn):
+    """Imports TensorFlow in ``setup``, in the worker, and holds each worker to one core.
 
-    Holds only plain Python state when pickled; TensorFlow (which image folders decode with)
-    is imported in ``setup``, in the worker.
+    Holds only plain Python state when pickled.
     """
 
-    def __init__(self, source, image_shape, num_shards, done, chunk_bytes):
-        self._source = source  # None for image folders: each work item brings its own files.
+    def __init__(self, image_shape):
         self._image_shape = tuple(image_shape)
-        self._num_shards = dict(num_shards)
-        self._done = frozenset(done)
-        self._chunk_bytes = chunk_bytes
-        self._encoder = None
+        self._tf = self._encoder = None
 
     def setup(self):
         import tfenv  # noqa: F401 - before TensorFlow, in this worker process
@@ -145,63 +147,116 @@ class _ReadEncode(beam.DoFn):
             tf.config.threading.set_intra_op_parallelism_threads(1)
         except RuntimeError:
             pass  # TensorFlow already ran in this process (e.g. Beam's in-process runner).
+        self._tf = tf
         self._encoder = ExampleEncoder(image_features(self._image_shape))
 
-    def process(self, item):
-        split, start, stop, part = item
-        source, first = (part, 0) if part is not None else (self._source, start)
-        files = part.record_files(split) if part is not None else None
-        index = start
-        try:
-            chunks = source.chunks(split, first, first + stop - start, self._chunk_bytes)
-            for images, labels in chunks:
-                for i, record in enumerate(self._encoder.encode_many(images, labels)):
-                    key = record_key(split, index + i)
-                    shard = bucket(key, self._num_shards[split])
-                    if (split, shard) not in self._done:
-                        file = files[index + i - start] if files is not None else None
-                        yield (split, shard), (key, record, file)
-                index += len(labels)
-        except DataError as e:
-            # Beam reports a worker's failure as text; the driver finds this line in it.
-            raise RuntimeError(_error_text(e)) from None
+
+def _write_shard(tf, records, path: str, compression: str, journal: str, files) -> None:
+    """Writes ``records`` as the shard ``path`` (temporary name, fsync, rename), then journals it.
+
+    ``files``: the records' source files, for image folders (else None).
+    """
+    folder, name = os.path.split(path)
+    # Unique per attempt: a runner may retry a shard, or run it twice, at the same time.
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
+    count = 0
+    try:
+        options = tf.io.TFRecordOptions(compression_type=compression)
+        with tf.io.TFRecordWriter(tmp, options) as writer:
+            for record in records:
+                writer.write(record)
+                count += 1
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    entry = {"num_records": count, "num_bytes": os.stat(path).st_size, "files": files}
+    _atomic_write_text(Path(journal), json.dumps(entry))
 
 
-class _WriteShard(beam.DoFn):
-    """Sorts one shard's records by key and writes it: temporary name, rename, journal."""
+class _EncodeShard(_WorkerDoFn):
+    """Image folders: reads one shard's files (already in key order), encodes and writes it."""
 
-    def __init__(self, data_dir, names, compression, work_dir):
+    def __init__(self, image_shape, data_dir, names, compression, work_dir, chunk_bytes):
+        super().__init__(image_shape)
         self._data_dir = data_dir
         self._names = dict(names)
         self._compression = compression or ""
         self._work_dir = work_dir
-        self._tf = None
+        self._chunk_bytes = chunk_bytes
 
-    def setup(self):
-        import tfenv  # noqa: F401 - before TensorFlow, in this worker process
+    def process(self, item):
+        split, shard, part = item
+        name = self._names[split, shard]
 
-        # isort: split
-        import tensorflow as tf
+        def records():
+            for images, labels in part.chunks(split, 0, None, self._chunk_bytes):
+                yield from self._encoder.encode_many(images, labels)
 
-        self._tf = tf
+        try:
+            _write_shard(
+                self._tf,
+                records(),
+                os.path.join(self._data_dir, name),
+                self._compression,
+                os.path.join(self._work_dir, f"{name}.json"),
+                list(part.record_files(split)),
+            )
+        except DataError as e:
+            # Beam reports a worker's failure as text; the driver finds this line in it.
+            raise RuntimeError(_error_text(e)) from None
+        yield name
+
+
+class _ReadEncode(_WorkerDoFn):
+    """IDX/npz: reads one range of records, encodes them and keys each by (split, shard)."""
+
+    def __init__(self, source, num_shards, done, chunk_bytes):
+        super().__init__(source.image_shape)
+        self._source = source
+        self._num_shards = dict(num_shards)
+        self._done = frozenset(done)
+        self._chunk_bytes = chunk_bytes
+
+    def process(self, item):
+        split, start, stop = item
+        index = start
+        try:
+            for images, labels in self._source.chunks(split, start, stop, self._chunk_bytes):
+                for i, record in enumerate(self._encoder.encode_many(images, labels)):
+                    key = record_key(split, index + i)
+                    shard = bucket(key, self._num_shards[split])
+                    if (split, shard) not in self._done:
+                        yield (split, shard), (key, record)
+                index += len(labels)
+        except DataError as e:
+            raise RuntimeError(_error_text(e)) from None
+
+
+class _WriteShard(_WorkerDoFn):
+    """IDX/npz: sorts one shard's records by key and writes it."""
+
+    def __init__(self, image_shape, data_dir, names, compression, work_dir):
+        super().__init__(image_shape)
+        self._data_dir = data_dir
+        self._names = dict(names)
+        self._compression = compression or ""
+        self._work_dir = work_dir
 
     def process(self, element):
         (split, shard), values = element
-        values = sorted(values, key=lambda value: value[0])
         name = self._names[split, shard]
-        path = os.path.join(self._data_dir, name)
-        # Unique per attempt: a runner may retry a shard, or run it twice, at the same time.
-        tmp = os.path.join(self._data_dir, f"{TMP_PREFIX}{uuid.uuid4().hex}-{name}")
-        options = self._tf.io.TFRecordOptions(compression_type=self._compression)
-        with self._tf.io.TFRecordWriter(tmp, options) as writer:
-            for _, record, _ in values:
-                writer.write(record)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        files = [file for _, _, file in values] if values[0][2] is not None else None
-        entry = {"num_records": len(values), "num_bytes": os.stat(path).st_size, "files": files}
-        _atomic_write_text(Path(self._work_dir) / f"{name}.json", json.dumps(entry))
+        _write_shard(
+            self._tf,
+            (record for _, record in sorted(values, key=lambda value: value[0])),
+            os.path.join(self._data_dir, name),
+            self._compression,
+            os.path.join(self._work_dir, f"{name}.json"),
+            None,
+        )
         yield name
 
 
@@ -215,27 +270,50 @@ def _options(beam_options: Optional[str]) -> Tuple[PipelineOptions, object]:
     if options.view_as(StandardOptions).runner:
         return options, None  # --runner=FlinkRunner, SparkRunner, DataflowRunner, ...
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
 
     direct = options.view_as(DirectOptions)
-    if "--direct_running_mode" not in " ".join(args):
-        direct.direct_running_mode = "multi_processing"
     if direct.direct_num_workers in (None, 0):
         direct.direct_num_workers = os.cpu_count() or 1
-    return options, FnApiRunner()
+    if "--direct_running_mode" in " ".join(args):
+        return options, FnApiRunner()  # The user's choice, with Beam's own workers.
+    # What direct_running_mode=multi_processing does (one worker process each), with Beam's
+    # worker wrapped in data_pipeline.beam_worker, which skips the interpreter's slow teardown.
+    # (FnApiRunner would replace this environment under multi_processing; under the default
+    # mode it keeps it, and logs a warning, into the Beam log, that the mode is in_memory.)
+    command = f"{shlex.quote(sys.executable)} -m data_pipeline.beam_worker"
+    environment = SubprocessSDKEnvironment.from_command_string(command_string=command)
+    return options, FnApiRunner(default_environment=environment)
 
 
-def _work_items(source: DataSource, workers: int, chunk_bytes: int) -> Iterator[tuple]:
-    """(split, start, stop, part): ranges of records; ``part`` is an image folder's own slice."""
-    subset = getattr(source, "subset", None)
+def _shard_items(source: DataSource, num_shards: Dict[str, int], skip) -> Iterator[tuple]:
+    """Image folders: (split, shard, the shard's records in key order) for each shard to write.
+
+    A shard's records are those whose keys fall in its hash range, so sorting a split's keys
+    once gives every shard's records, in order, one shard after the other.
+    """
     for split in source.split_names:
         n = source.num_records(split)
-        if subset is not None:
-            step = min(_FILES_PER_ITEM, source.chunk_records(chunk_bytes))
-        else:
-            step = max(1, -(-n // (workers * _ITEMS_PER_WORKER)))
+        keys = [record_key(split, index) for index in range(n)]
+        order = sorted(range(n), key=keys.__getitem__)
+        shards = [bucket(keys[index], num_shards[split]) for index in order]
+        first = 0
+        for shard in range(num_shards[split]):
+            last = first
+            while last < n and shards[last] == shard:
+                last += 1
+            if last > first and (split, shard) not in skip:
+                yield split, shard, source.subset(split, order[first:last])
+            first = last
+
+
+def _range_items(source: DataSource, workers: int) -> Iterator[Tuple[str, int, int]]:
+    """IDX/npz: (split, start, stop), a few ranges of records per worker."""
+    for split in source.split_names:
+        n = source.num_records(split)
+        step = max(1, -(-n // (workers * _ITEMS_PER_WORKER)))
         for start in range(0, n, step):
-            stop = min(n, start + step)
-            yield split, start, stop, subset(split, start, stop) if subset else None
+            yield split, start, min(n, start + step)
 
 
 def _read_journal(data_dir: Path, work_dir: Path, fingerprint: str, resume: bool) -> Dict:
@@ -313,21 +391,8 @@ def prepare_beam(
             for split, count in num_shards.items()
             for i in range(count)
         }
-        _run(
-            source,
-            options,
-            runner,
-            _ReadEncode(
-                None if hasattr(source, "subset") else source,
-                source.image_shape,
-                num_shards,
-                [key for key, name in names.items() if name in done],
-                chunk_bytes,
-            ),
-            _WriteShard(os.fspath(data_dir), names, compression, os.fspath(work_dir)),
-            chunk_bytes,
-            work_dir / LOG_NAME,
-        )
+        skip = {key for key, name in names.items() if name in done}
+        _run(source, options, runner, num_shards, skip, names, compression, chunk_bytes, data_dir)
         spec = _finish(data_dir, work_dir, source, names, records_per_shard, compression)
         spec = dataclasses.replace(spec, fingerprint=fingerprint)
         _remove_unlisted_shards(data_dir, spec)
@@ -342,16 +407,19 @@ def prepare_beam(
     return load_spec(data_dir)
 
 
-def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_path) -> None:
+def _run(source, options, runner, num_shards, skip, names, compression, chunk_bytes, data_dir):
     """Builds and runs the pipeline; a worker's DataError comes back as itself.
+
+    ``skip``: the (split, shard)s a killed run completed.
 
     Beam's own logs and everything local worker processes print (they inherit this process'
     stderr, and log every start-up step at INFO before they read any option) go to
     ``log_path``, kept on failure: prepare stays quiet and its errors one line.
     """
-    direct = options.view_as(DirectOptions)
-    workers = direct.direct_num_workers or os.cpu_count() or 1
-    items = list(_work_items(source, workers, chunk_bytes))
+    log_path = data_dir / WORK_DIR / LOG_NAME
+    build = _pipeline_builder(
+        source, options, num_shards, skip, names, compression, chunk_bytes, data_dir
+    )
     # Worker processes import this package by name: they need the repository on their path.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     old_path = os.environ.get("PYTHONPATH")
@@ -375,13 +443,7 @@ def _run(source, options, runner, read_encode, write_shard, chunk_bytes, log_pat
     os.close(write_fd)
     try:
         pipeline = beam.Pipeline(runner=runner, options=options)
-        _ = (
-            pipeline
-            | "ListRecords" >> beam.Create(items)
-            | "ReadDecodeEncode" >> beam.ParDo(read_encode)
-            | "GroupByShard" >> beam.GroupByKey()
-            | "SortAndWriteShard" >> beam.ParDo(write_shard)
-        )
+        build(pipeline)
         pipeline.run().wait_until_finish()
     except DataError:
         raise
@@ -430,6 +492,38 @@ def _copy_to_log(read_fd: int, log_path) -> None:
                 pass
         if log is not None:
             log.close()
+
+
+def _pipeline_builder(source, options, num_shards, skip, names, compression, chunk_bytes, data_dir):
+    """A function that adds the transforms for ``source`` to a pipeline (see the module doc)."""
+    work_dir = os.fspath(data_dir / WORK_DIR)
+    data_dir = os.fspath(data_dir)
+    if hasattr(source, "subset"):  # One file per record: one work item per shard.
+        items = list(_shard_items(source, num_shards, skip))
+        encode = _EncodeShard(
+            source.image_shape, data_dir, names, compression, work_dir, chunk_bytes
+        )
+
+        def build(pipeline):
+            # Create reshuffles its items, so the runner spreads the shards over the workers.
+            _ = pipeline | "ListShards" >> beam.Create(items) | "WriteShard" >> beam.ParDo(encode)
+
+        return build
+    workers = options.view_as(DirectOptions).direct_num_workers or os.cpu_count() or 1
+    items = list(_range_items(source, workers))
+    read = _ReadEncode(source, num_shards, skip, chunk_bytes)
+    write = _WriteShard(source.image_shape, data_dir, names, compression, work_dir)
+
+    def build(pipeline):
+        _ = (
+            pipeline
+            | "ListRecords" >> beam.Create(items)
+            | "ReadDecodeEncode" >> beam.ParDo(read)
+            | "GroupByShard" >> beam.GroupByKey()
+            | "SortAndWriteShard" >> beam.ParDo(write)
+        )
+
+    return build
 
 
 def _chain_text(error: BaseException) -> str:

@@ -182,15 +182,16 @@ class ImageFolderSource(DataSource):
     def record_files(self, split: str) -> Sequence[str]:
         return self._files[split]
 
-    def subset(self, split: str, start: int, stop: int) -> ImageFolderSource:
-        """A copy whose ``split`` holds only records ``[start, stop)`` (as records 0..).
+    def subset(self, split: str, indices: Sequence[int]) -> ImageFolderSource:
+        """A copy whose ``split`` holds only the records at ``indices``, in that order (as 0..).
 
-        Small to pickle whatever the folder's size: the Beam engine ships one per work item
-        rather than the whole file list to every worker.
+        Small to pickle whatever the folder's size: the Beam engine ships one per shard rather
+        than the whole file list to every worker.
         """
         part = copy.copy(self)
-        part._files = {split: self._files[split][start:stop]}
-        part._labels = {split: self._labels[split][start:stop]}
+        files = self._files[split]
+        part._files = {split: [files[i] for i in indices]}
+        part._labels = {split: self._labels[split][np.asarray(indices, np.int64)]}
         return part
 
     def chunks(self, split, start=0, stop=None, max_bytes=CHUNK_BYTES):
