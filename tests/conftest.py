@@ -14,6 +14,14 @@ import data_pipeline
 
 tfenv.silence_python_logging()
 
+# One intra-op thread per process: the tests run small networks for a few steps, two
+# pytest-xdist workers at once on 2 cores, and TensorFlow's default (a thread per core that
+# spin-waits between small ops) spends more CPU for the same work (2026-12-06: 10-12 % less for
+# a cnn or rnn trained and evaluated in-process; docs/development.md). Read when TensorFlow's
+# runtime starts (its first op or session), so it holds here and in the interpreters the tests
+# start; the inter-op pool is left alone (collectives and the cluster need threads to wait in).
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
