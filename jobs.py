@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import functools
 import itertools
 import math
 import os
@@ -296,7 +295,7 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
     exporter = tf.estimator.BestExporter(
         name="best",
         serving_input_receiver_fn=bridge.serving_input_receiver_fn(spec),
-        compare_fn=functools.partial(_higher_accuracy, model_dir=config.model_dir),
+        compare_fn=higher_accuracy(config.model_dir),
         exports_to_keep=3,
     )
     hook = ProgressHook(
@@ -345,29 +344,34 @@ def _train_and_evaluate(config: bridge.Config, spec, network) -> Dict[str, Any]:
     return result
 
 
-def _higher_accuracy(best_eval_result, current_eval_result, model_dir=None) -> bool:
-    """Whether BestExporter exports: a higher accuracy, or the best one never exported.
+def higher_accuracy(model_dir: Optional[str] = None):
+    """BestExporter's ``compare_fn``: a higher accuracy, or the best one never exported.
 
     BestExporter remembers the best accuracy from the evaluation's summaries, also of an
     evaluation whose export then failed (a full disk): the same checkpoint evaluated again
-    (equal accuracy, with its step: not a summary) is exported if no export is newer than it.
-    Without ``model_dir``, only a higher accuracy.
+    (equal accuracy, with its step: not a summary) is exported if no export in ``model_dir`` is
+    newer than it. Without ``model_dir``, only a higher accuracy. BestExporter accepts only
+    the two arguments' names, hence a closure rather than a third argument.
     """
-    if current_eval_result["accuracy"] > best_eval_result["accuracy"]:
-        return True
-    step = current_eval_result.get("global_step")
-    if model_dir is None or step is None:
-        return False
-    if current_eval_result["accuracy"] != best_eval_result["accuracy"]:
-        return False
-    index = os.path.join(model_dir, f"model.ckpt-{int(step)}.index")
-    folder = os.path.join(model_dir, "export", "best")
-    exports = (
-        [int(name) for name in os.listdir(folder) if name.isdigit()]
-        if os.path.isdir(folder)
-        else []
-    )
-    return os.path.exists(index) and max(exports, default=0) < os.path.getmtime(index)
+
+    def compare(best_eval_result, current_eval_result) -> bool:
+        if current_eval_result["accuracy"] > best_eval_result["accuracy"]:
+            return True
+        step = current_eval_result.get("global_step")
+        if model_dir is None or step is None:
+            return False
+        if current_eval_result["accuracy"] != best_eval_result["accuracy"]:
+            return False
+        index = os.path.join(model_dir, f"model.ckpt-{int(step)}.index")
+        folder = os.path.join(model_dir, "export", "best")
+        exports = (
+            [int(name) for name in os.listdir(folder) if name.isdigit()]
+            if os.path.isdir(folder)
+            else []
+        )
+        return os.path.exists(index) and max(exports, default=0) < os.path.getmtime(index)
+
+    return compare
 
 
 def predict(config: bridge.Config) -> Dict[str, Any]:

@@ -280,7 +280,7 @@ def run_task(entry: str, config_json: str) -> Dict[str, Any]:
         exporter = tf.estimator.BestExporter(
             name="best",
             serving_input_receiver_fn=bridge.serving_input_receiver_fn(spec),
-            compare_fn=jobs._higher_accuracy,
+            compare_fn=jobs.higher_accuracy(config.model_dir),
             exports_to_keep=3,
         )
         train_input_fn = bridge.make_input_fn(config, "train", True)
