@@ -214,18 +214,21 @@ def image_folder(work_dir, count, largest, shape):
     return subset
 
 
+def prepare_command(source_dir, data_dir, *flags):
+    """``python main.py --mode=prepare`` for ``source_dir`` into ``data_dir``, plus ``flags``."""
+    return [
+        sys.executable,
+        os.path.join(REPO, "main.py"),
+        "--mode=prepare",
+        f"--source_dir={source_dir}",
+        f"--data_dir={data_dir}",
+        *flags,
+    ]
+
+
 def prepare_process(source_dir, data_dir):
     """Runs ``main.py --mode=prepare`` in a fresh process; returns (seconds, peak RSS in MiB)."""
-    run = benchlib.run_peak_rss(
-        [
-            sys.executable,
-            os.path.join(REPO, "main.py"),
-            "--mode=prepare",
-            f"--source_dir={source_dir}",
-            f"--data_dir={data_dir}",
-            "--overwrite",
-        ]
-    )
+    run = benchlib.run_peak_rss(prepare_command(source_dir, data_dir, "--overwrite"))
     if run["returncode"] != 0:
         sys.exit(f"bench_data.py: prepare failed: {run['stderr'].strip()[-2000:]}")
     return run["seconds"], run["peak_mib"]
@@ -235,13 +238,7 @@ def startup_seconds(source_dir, data_dir):
     """Seconds a prepare process takes for an already prepared folder (start-up, no writing)."""
     start = time.perf_counter()
     subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "main.py"),
-            "--mode=prepare",
-            f"--source_dir={source_dir}",
-            f"--data_dir={data_dir}",
-        ],
+        prepare_command(source_dir, data_dir),
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": REPO},
         check=True,
@@ -385,15 +382,7 @@ def engines_part(args, work_dir, results):
             source_dir = image_folder(work_dir, count, largest, args.image_shape)
             for engine in order:
                 data_dir = os.path.join(work_dir, f"prepared-{engine}")
-                command = [
-                    sys.executable,
-                    os.path.join(REPO, "main.py"),
-                    "--mode=prepare",
-                    f"--source_dir={source_dir}",
-                    f"--data_dir={data_dir}",
-                    "--overwrite",
-                    *engine_args(engine),
-                ]
+                command = prepare_command(source_dir, data_dir, "--overwrite", *engine_args(engine))
                 seconds, peak_mib = run_tree_peak_rss(command)
                 shutil.rmtree(data_dir, ignore_errors=True)
                 runs[engine, count].append({"seconds": seconds, "peak_mib": peak_mib})

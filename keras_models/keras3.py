@@ -266,11 +266,7 @@ def _model_to_k3(entry: Dict, shapes, top: bool = False) -> Dict:
         entry["class_name"] = "Functional"
         if "registered_name" in entry:
             entry["registered_name"] = "Functional"
-        models = {
-            layer["config"]["name"]
-            for layer in inner["layers"]
-            if layer.get("class_name") in MODEL_CLASSES
-        }
+        models = _nested_model_names(inner)
         for layer in inner["layers"]:
             layer["inbound_nodes"] = [
                 _node_to_k3(node, models, shapes) for node in layer.get("inbound_nodes", [])
@@ -397,17 +393,22 @@ def config_from_keras3(config: Mapping[str, Any]) -> Dict:
     return _model_to_k2(config, top=True)
 
 
+def _nested_model_names(inner: Dict) -> set:
+    """The names of a functional config's layers that are models themselves."""
+    return {
+        layer["config"]["name"]
+        for layer in inner["layers"]
+        if layer.get("class_name") in MODEL_CLASSES
+    }
+
+
 def _model_to_k2(entry: Dict, top: bool = False) -> Dict:
     cls = entry.get("class_name")
     inner = entry["config"]
     if cls in ("Functional", "Model"):
         if "module" in entry or top:
             entry["module"] = KERAS2_FUNCTIONAL
-        models = {
-            layer["config"]["name"]
-            for layer in inner["layers"]
-            if layer.get("class_name") in MODEL_CLASSES
-        }
+        models = _nested_model_names(inner)
         for layer in inner["layers"]:
             layer["inbound_nodes"] = [
                 _node_to_k2(node, models, layer["config"].get("name"))

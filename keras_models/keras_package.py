@@ -56,15 +56,14 @@ class _KerasAsTfKeras(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass  # already executed when tf_keras imported it
 
 
-def alias_to_tf_keras() -> bool:
+def alias_to_tf_keras() -> None:
     """From now on ``import keras`` gives tf_keras, unless the real package is imported already.
 
     The alias stays for the process (a builder may import ``keras.applications`` when called),
-    as ``tf.keras`` already is tf_keras here. Returns whether ``keras`` now means tf_keras.
+    as ``tf.keras`` already is tf_keras here.
     """
     if not package_loaded() and not any(isinstance(f, _KerasAsTfKeras) for f in sys.meta_path):
         sys.meta_path.insert(0, _KerasAsTfKeras())
-    return not package_loaded()
 
 
 def build_as_tf_keras(

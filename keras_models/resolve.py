@@ -230,10 +230,9 @@ def _resolve_function(source: str, params) -> ResolvedModel:
         keras_package.alias_to_tf_keras()
         module = importlib.import_module(module_name)
     except Exception as error:  # noqa: BLE001 - ImportError, or whatever the module raises
-        if _keras3_api(error):
-            raise ModelError(
-                f"--model={source}: module {module_name!r} {_keras3_api(error)}"
-            ) from None
+        keras3_api = _keras3_api(error)
+        if keras3_api:
+            raise ModelError(f"--model={source}: module {module_name!r} {keras3_api}") from None
         raise ModelError(
             f"--model={source}: cannot import module {module_name!r} ({_first_line(error)}); "
             "is its folder on PYTHONPATH?"
