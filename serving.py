@@ -70,9 +70,20 @@ _WARMUP_CALLS = 1
 _BLOCKS = 3
 _BLOCK_CALLS = 5
 _BLOCK_BUDGET_S = 0.2
+# Before each turn of timed calls, a pause that lets the engine timed last go idle: onnxruntime's
+# and TensorFlow's pool threads spin for a while after a call and would slow the next engine's
+# calls, which a server running that engine alone never sees.
+_SETTLE_S = 0.01
 # engine="auto" keeps the first engine of available_engines unless another one's batch-1 median
 # is this much lower: a few percent apart is the noise of a dozen calls on a shared machine.
 _ENGINE_MARGIN = 0.9
+# engine="auto" also times the engines on one large batch of zeros: LARGE_BATCH examples, fewer
+# (a power of two) when they would hold more than _LARGE_BATCH_BYTES of input (MNIST: 512;
+# 224x224x3 images: 4), 1 untimed and 3 timed calls each. An engine at least _ENGINE_MARGIN
+# faster there than the batch-1 choice serves batches from the size where the two engines'
+# straight lines through their batch-1 and large-batch times cross.
+LARGE_BATCH = 512
+_LARGE_BATCH_BYTES = 4 << 20
 
 
 class ServedModel:
@@ -83,11 +94,15 @@ class ServedModel:
         signature_key: The signature served.
         engine: ``"tensorflow"``.
         engine_timings: Engine -> batch-1 time in ms, as timed by :func:`load` (or empty).
+        large_batch_engine: ``None``: this engine serves every batch (see :class:`RoutedModel`).
+        large_batch_from: ``None``.
         inputs: Input key -> ``(dtype, shape)`` of the signature (``None`` for unknown sizes).
         outputs: The output keys, in the order they are returned.
     """
 
     engine = "tensorflow"
+    large_batch_engine: Optional[str] = None
+    large_batch_from: Optional[int] = None
 
     def __init__(
         self,
@@ -231,24 +246,33 @@ def _python_log_level(level: str):
         logger.setLevel(previous)
 
 
-def _batch1_zeros(inputs: Dict[str, tuple]) -> Dict[str, np.ndarray]:
-    """A batch of one zero input per key of a model's ``inputs`` (unknown sizes become 1)."""
+def _batch1_zeros(inputs: Dict[str, tuple], size: int = 1) -> Dict[str, np.ndarray]:
+    """A batch of ``size`` zero inputs per key of a model's ``inputs`` (unknown sizes become 1)."""
     return {
-        key: np.zeros([1, *[d or 1 for d in shape[1:]]], dtype)
+        key: np.zeros([size, *[d or 1 for d in shape[1:]]], dtype)
         for key, (dtype, shape) in inputs.items()
     }
 
 
-def _call_seconds(runs: Sequence[Callable[[], object]]) -> List[float]:
+def _large_batch(inputs: Dict[str, tuple]) -> int:
+    """The batch size :func:`load` times large batches at (see ``LARGE_BATCH``)."""
+    example = sum(array.nbytes for array in _batch1_zeros(inputs).values())
+    fits = max(1, min(LARGE_BATCH, _LARGE_BATCH_BYTES // max(example, 1)))
+    return 1 << (fits.bit_length() - 1)
+
+
+def _call_seconds(runs: Sequence[Callable[[], object]], large: bool = False) -> List[float]:
     """The median time of a call of each of ``runs``, for comparing them.
 
     Each run is called ``_WARMUP_CALLS`` times untimed first (the first call compiles, optimises
-    and allocates). Then the runs take turns, ``_BLOCKS`` times, each turn one untimed call
-    (after another run's threads) and up to ``_BLOCK_CALLS`` timed ones, at least two, fewer
-    once ``_BLOCK_BUDGET_S`` has passed; a run's time is the median of all its timed calls.
-    Taking turns spreads a change in the machine's load over all runs, and the median leaves
-    out a burst that hits a few calls; a slowdown that lasts (an engine whose threads wait on
-    each other while other processes hold the cores) counts. An error in a run propagates.
+    and allocates). Then the runs take turns, ``_BLOCKS`` times, each turn after a pause of
+    ``_SETTLE_S`` (the previous run's spinning pool threads go idle, so each run is timed as
+    if it were alone in the process) one untimed call and up to ``_BLOCK_CALLS`` timed ones, at
+    least two, fewer once ``_BLOCK_BUDGET_S`` has passed; with ``large`` (slow calls), one timed
+    call a turn and no untimed one. A run's time is the median of all its timed calls. Taking
+    turns spreads a change in the machine's load over all runs, and the median leaves out a
+    burst that hits a few calls; a slowdown that lasts (an engine whose threads wait on each
+    other while other processes hold the cores) counts. An error in a run propagates.
     """
     for run in runs:
         for _ in range(_WARMUP_CALLS):
@@ -256,9 +280,11 @@ def _call_seconds(runs: Sequence[Callable[[], object]]) -> List[float]:
     times: List[List[float]] = [[] for _ in runs]
     for _ in range(_BLOCKS):
         for run, found in zip(runs, times):
-            run()
+            time.sleep(_SETTLE_S)
+            if not large:
+                run()
             spent = 0.0
-            for call in range(_BLOCK_CALLS):
+            for call in range(1 if large else _BLOCK_CALLS):
                 if call >= 2 and spent > _BLOCK_BUDGET_S:
                     break
                 start = time.perf_counter()
@@ -422,12 +448,16 @@ class OnnxModel:
         signature_key: The signature served.
         engine: ``"onnxruntime"``.
         engine_timings: Engine -> batch-1 time in ms, as timed by :func:`load` (or empty).
+        large_batch_engine: ``None``: this engine serves every batch (see :class:`RoutedModel`).
+        large_batch_from: ``None``.
         inputs: ``{"image": (np.float32, shape)}`` (``None`` for unknown sizes).
         outputs: The output keys, in the order they are returned.
         class_names: The dataset's class names by class index, from the file's metadata.
     """
 
     engine = "onnxruntime"
+    large_batch_engine: Optional[str] = None
+    large_batch_from: Optional[int] = None
 
     def __init__(
         self,
@@ -521,6 +551,54 @@ def _signature_outputs(path: str, signature_key: str) -> List[str]:
     raise KeyError(f"{path} has no {SERVE_TAG!r} graph")
 
 
+class RoutedModel:
+    """Two engines loaded for one signature, each serving the batch sizes it was faster at.
+
+    :func:`load` returns one when the engine faster at batch 1 (``engine``) was clearly slower
+    on a large batch: batches of ``large_batch_from`` examples or more go to
+    ``large_batch_engine``. Called like either engine; other attributes are the batch-1
+    engine's. Both engines are thread-safe, and so is the routing (it keeps no state).
+
+    Attributes:
+        engine: The engine serving batches below ``large_batch_from``.
+        engine_timings: Engine -> batch-1 time in ms, as timed by :func:`load`.
+        large_batch_engine: The engine serving batches from ``large_batch_from``.
+        large_batch_from: The smallest batch ``large_batch_engine`` serves.
+        large_batch_size: The batch size the engines were timed at for large batches.
+        large_batch_timings: Engine -> the time of one call at ``large_batch_size``, in ms.
+    """
+
+    def __init__(self, small, large, large_batch_from: int, size: int, timings: Dict[str, float]):
+        self._small, self._large = small, large
+        self.engine = small.engine
+        self.large_batch_engine = large.engine
+        self.large_batch_from = large_batch_from
+        self.large_batch_size = size
+        self.large_batch_timings = timings
+
+    def __getattr__(self, name):
+        # Only for what this class does not set itself: path, inputs, outputs, class_names, ...
+        return getattr(self.__dict__["_small"], name)
+
+    def __call__(self, *args, **kwargs) -> Dict[str, np.ndarray]:
+        """Runs the signature on the engine for this batch size (:class:`ServedModel`)."""
+        batch = args[0] if args else next(iter(kwargs.values()), None)
+        size = len(batch) if hasattr(batch, "__len__") else 0
+        model = self._large if size >= self.large_batch_from else self._small
+        return model(*args, **kwargs)
+
+    def close(self) -> None:
+        """Releases both engines."""
+        self._small.close()
+        self._large.close()
+
+    def __enter__(self) -> RoutedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def available_engines(path: str, signature_key: str = "serving_default") -> List[str]:
     """The engines that can serve ``signature_key`` of the export at ``path``.
 
@@ -568,12 +646,17 @@ def load(
         engine: ``"auto"``: the faster of the engines that can serve (:func:`available_engines`),
             timed at load on batch-1 zeros of the export's input shape (the median of up to 15
             calls each, in 3 turns alternating between the engines); the first listed,
-            onnxruntime, is kept unless another is 10 % faster. Or
-            ``"onnxruntime"`` or ``"tensorflow"``, forced without timing.
+            onnxruntime, is kept unless another is 10 % faster. Then both are timed on one
+            large batch (up to ``LARGE_BATCH`` examples and 4 MiB of input, 3 timed calls
+            each); if the other engine is 10 % faster there, both stay loaded and large
+            batches go to it (:class:`RoutedModel`). Or ``"onnxruntime"`` or
+            ``"tensorflow"``, forced without timing.
 
     Returns:
-        An :class:`OnnxModel` or a :class:`ServedModel`: ``model(image=batch)`` ->
-        ``{"classes": ..., ...}``. ``.engine`` says which engine serves; ``.engine_timings``
+        An :class:`OnnxModel`, a :class:`ServedModel` or a :class:`RoutedModel`:
+        ``model(image=batch)`` -> ``{"classes": ..., ...}``. ``.engine`` says which engine
+        serves batch 1, ``.large_batch_engine`` and ``.large_batch_from`` which serves large
+        batches and from what size (``None``: ``.engine`` serves all); ``.engine_timings``
         maps each engine timed at load to its batch-1 time in milliseconds (empty when one
         engine was forced or only one could serve).
 
@@ -607,23 +690,31 @@ def load(
     else:
         model = _fastest(candidates, build)
     timed = ", ".join(f"{name} {ms:.3g} ms" for name, ms in model.engine_timings.items())
+    routed = ""
+    if model.large_batch_engine:
+        large = ", ".join(f"{n} {ms:.3g} ms" for n, ms in model.large_batch_timings.items())
+        routed = (
+            f"; batches from {model.large_batch_from} on {model.large_batch_engine} "
+            f"(batch-{model.large_batch_size} time: {large})"
+        )
     _log.info(
-        "serving %s (%s) on %s%s",
+        "serving %s (%s) on %s%s%s",
         path,
         signature_key,
         model.engine,
         f" (batch-1 time at load: {timed})" if timed else "",
+        routed,
     )
     return model
 
 
 def _fastest(
     candidates: List[str], build: Callable[[str], Union[OnnxModel, ServedModel]]
-) -> Union[OnnxModel, ServedModel]:
-    """Loads each engine and keeps the fastest at batch 1 (:func:`load`, :func:`_call_seconds`).
+) -> Union[OnnxModel, ServedModel, RoutedModel]:
+    """Loads each engine and keeps the fastest at batch 1 and, if another, at large batches.
 
-    An engine other than the last (TensorFlow, the fallback) that fails to load or to run is
-    skipped with a warning on the ``serving`` logger.
+    (:func:`load`, :func:`_call_seconds`.) An engine other than the last (TensorFlow, the
+    fallback) that fails to load or to run is skipped with a warning on the ``serving`` logger.
     """
     models, calls = {}, {}
     for name in candidates:
@@ -645,11 +736,30 @@ def _fastest(
     first = next(iter(seconds))
     best = min(seconds, key=seconds.get)
     chosen = best if seconds[best] < _ENGINE_MARGIN * seconds[first] else first
+    size = _large_batch(models[chosen].inputs)
+    large, big = None, {}
+    if len(models) > 1 and size > 1:
+        runs = [functools.partial(m, **_batch1_zeros(m.inputs, size)) for m in models.values()]
+        big = dict(zip(models, _call_seconds(runs, large=True)))
+        fastest = min(big, key=big.get)
+        if fastest != chosen and big[fastest] < _ENGINE_MARGIN * big[chosen]:
+            large = fastest
     for name, model in models.items():
-        if name != chosen:
+        if name not in (chosen, large):
             model.close()
-    models[chosen].engine_timings = {name: 1000 * value for name, value in seconds.items()}
-    return models[chosen]
+    model = models[chosen]
+    model.engine_timings = {name: 1000 * value for name, value in seconds.items()}
+    if large is None:
+        return model
+    # Where t = a + b * batch through each engine's batch-1 and batch-`size` times cross.
+    slope = {n: (big[n] - seconds[n]) / (size - 1) for n in (chosen, large)}
+    steeper = slope[chosen] - slope[large]
+    cross = (seconds[large] - seconds[chosen]) / steeper + 1 if steeper > 0 else 2
+    start = min(max(int(np.ceil(cross)), 2), size)
+    timings = {name: 1000 * value for name, value in big.items()}
+    routed = RoutedModel(model, models[large], start, size, timings)
+    routed.engine_timings = model.engine_timings
+    return routed
 
 
 def latest_version(export_dir: str) -> Optional[str]:

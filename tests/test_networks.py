@@ -360,3 +360,98 @@ def test_auto_engine_falls_back_to_tensorflow_when_onnxruntime_fails(exports, ca
     assert "engine onnxruntime skipped: RuntimeError: cannot read model.onnx" in caplog.text
     with pytest.raises(RuntimeError, match="cannot read model.onnx"):  # forced: no fallback
         serving.load(exports["cnn"], engine="onnxruntime")
+
+
+def _slowed_batches(monkeypatch, engine_class, seconds: float, large: bool) -> list:
+    """Makes ``engine_class`` calls of batches of 8+ (``large``) or below 8 ``seconds`` slower.
+
+    Returns the log of the batch sizes the class was called with.
+    """
+    sizes = []
+    call = engine_class.__call__
+
+    def slow(self, *args, **kwargs):
+        size = len(args[0] if args else kwargs["image"])
+        sizes.append(size)
+        if (size >= 8) == large:
+            time.sleep(seconds)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_class, "__call__", slow)
+    return sizes
+
+
+def test_large_batches_go_to_the_engine_faster_at_them(exports, test_digits, monkeypatch):
+    """onnxruntime slow on large batches, TensorFlow on small: both kept, routed by batch size."""
+    path, images = exports["rnn"], test_digits[0]
+    onnx_sizes = _slowed_batches(monkeypatch, serving.OnnxModel, 0.3, large=True)
+    tf_sizes = _slowed_batches(monkeypatch, serving.ServedModel, 0.03, large=False)
+    model = serving.load(path, xla=False)
+    assert (model.engine, model.large_batch_engine) == ("onnxruntime", "tensorflow")
+    assert model.large_batch_size == serving.LARGE_BATCH == 512  # 512 MNIST digits: 1.6 MB
+    timings = model.large_batch_timings
+    assert timings["onnxruntime"] >= 300 > timings["tensorflow"], timings
+    assert model.engine_timings["tensorflow"] >= 30 > model.engine_timings["onnxruntime"]
+    # From where the lines through each engine's (1, batch-1 time) and (512, batch-512 time)
+    # cross (the slowdowns are steps, so the lines only estimate it).
+    slope = {e: (timings[e] - model.engine_timings[e]) / 511 for e in timings}
+    cross = (model.engine_timings["tensorflow"] - model.engine_timings["onnxruntime"]) / (
+        slope["onnxruntime"] - slope["tensorflow"]
+    ) + 1
+    assert model.large_batch_from == min(max(int(np.ceil(cross)), 2), 512)
+    assert model.inputs == serving.load(path, engine="onnxruntime").inputs  # the batch-1 engine's
+    edge = model.large_batch_from
+    images = np.resize(images, (edge + 8, *images.shape[1:]))
+    onnx_sizes.clear(), tf_sizes.clear()
+    small = model(image=images[: edge - 1])["probabilities"]
+    large = model(images[:edge])["probabilities"]
+    assert onnx_sizes == [edge - 1] and tf_sizes == [edge]
+    with serving.load(path, engine="onnxruntime") as alone:
+        expected = alone(image=images[: edge - 1])["probabilities"]
+        np.testing.assert_allclose(small, expected, atol=1e-6)
+    with serving.load(path, engine="tensorflow", xla=False) as alone:
+        np.testing.assert_allclose(large, alone(image=images[:edge])["probabilities"], atol=1e-6)
+    # Thread-safe across the two engines: 8 threads, batch sizes on both sides of the edge.
+    batches = [images[i : i + (1 if i % 2 else edge + i)] for i in range(8)]
+    serial = [model(image=batch)["probabilities"] for batch in batches]
+    barrier = threading.Barrier(8)
+
+    def call(batch):
+        barrier.wait()
+        return [model(image=batch)["probabilities"] for _ in range(3)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for expected, results in zip(serial, pool.map(call, batches)):
+            for result in results:
+                np.testing.assert_array_equal(result, expected)
+    model.close()
+
+
+def test_engines_faster_everywhere_serve_alone_and_forced_ones_are_not_routed(exports):
+    with serving.load(exports["rnn"], engine="tensorflow", xla=False) as forced:
+        assert forced.large_batch_engine is forced.large_batch_from is None
+
+
+def test_timing_waits_for_the_other_engines_pool_threads_to_go_idle():
+    """A run whose pool keeps spinning after it returns does not slow the next run's timing."""
+    spinning = []
+
+    def spinner(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:  # holds the interpreter, as a spinning pool the core
+            pass
+
+    def leaves_a_spinning_pool():
+        spinner(0.001)
+        thread = threading.Thread(target=spinner, args=(0.005,))
+        thread.start()
+        spinning.append(thread)
+
+    def busy_ms():
+        spinner(0.001)
+
+    (alone,) = serving._call_seconds([busy_ms])
+    _, beside = serving._call_seconds([leaves_a_spinning_pool, busy_ms])
+    for thread in spinning:
+        thread.join()
+    assert beside < 1.5 * alone, (alone, beside)
