@@ -14,12 +14,15 @@ extra installed, the same predict graph as ``model.onnx`` in the version folder
   shapes compile; whether XLA serves them is decided at load by timing both at batch 1.
 
 When both can serve, :func:`load` loads both and times each at batch 1 the same way, keeping the
-faster at batch 1: which one is depends on the network, the CPU and the machine's load
-(docs/serving.md). ``engine=`` forces one without timing;
-``model.engine`` says which serves, ``model.engine_timings`` what the timing found, and the
-``serving`` logger says both at INFO level. Calls are thread-safe on both engines. The module
-imports neither ``tensorflow_estimator`` nor anything else of this project, and onnxruntime only
-when it is used, so it loads where only TensorFlow is installed, newer versions included::
+faster at batch 1, then on one large batch: if the other engine is clearly faster there, both
+stay loaded and large batches go to it (:class:`RoutedModel`). Which wins depends on the
+network, the CPU and the machine's load (docs/serving.md). ``engine=`` forces one without
+timing; ``model.engine`` says which serves batch 1, ``model.large_batch_engine`` and
+``model.large_batch_from`` which serves large batches and from what size,
+``model.engine_timings`` what the timing found, and the ``serving`` logger says so at INFO
+level. Calls are thread-safe on both engines. The module imports neither
+``tensorflow_estimator`` nor anything else of this project, and onnxruntime only when it is
+used, so it loads where only TensorFlow is installed, newer versions included::
 
     import serving
 
