@@ -581,6 +581,8 @@ class RoutedModel:
 
     def __getattr__(self, name):
         # Only for what this class does not set itself: path, inputs, outputs, class_names, ...
+        if "_small" not in self.__dict__:  # e.g. copy's probe of a bare instance
+            raise AttributeError(name)
         return getattr(self.__dict__["_small"], name)
 
     def __call__(self, *args, **kwargs) -> Dict[str, np.ndarray]:
