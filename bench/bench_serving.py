@@ -317,6 +317,7 @@ def measure(args, path: str, model: str, files: Dict[str, str]) -> Dict[str, Any
             "load_s": load_s,
             "engine": None if served is None else served.engine,
             "engine_timings_ms": None if served is None else served.engine_timings,
+            "large_batch": None if served is None else large_batch(served),
             "p50_ms": float(p50),
             "p90_ms": float(p90),
             "p99_ms": float(p99),
@@ -395,6 +396,7 @@ def interleaved(args, model: str, files: Dict[str, str]) -> Dict[str, Any]:
             result[name] = {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "examples_per_sec": rate}
         result["engine"] = served.engine
         result["engine_timings_ms"] = served.engine_timings
+        result["large_batch"] = large_batch(served)
         return result
     except Exception as error:  # noqa: BLE001 - report, keep the other runs going
         traceback.print_exc()
@@ -520,12 +522,20 @@ def summarise_interleaved(args, runs: List[Dict[str, Any]]) -> List[Dict[str, An
     return rows
 
 
+def large_batch(served) -> Optional[str]:
+    """``"tensorflow from 23"``: the engine serving large batches and from what size, or None."""
+    if not served.large_batch_engine:
+        return None
+    return f"{served.large_batch_engine} from {served.large_batch_from}"
+
+
 def chosen(result: Dict[str, Any]) -> str:
     """`` on onnxruntime (timed at load: onnxruntime 0.41 ms, tensorflow 1.9 ms)`` or ``""``."""
     if not result.get("engine"):
         return ""
     timed = ", ".join(f"{k} {v:.3g} ms" for k, v in (result["engine_timings_ms"] or {}).items())
-    return f" on {result['engine']}" + (f" (timed at load: {timed})" if timed else "")
+    routed = f", large batches on {result['large_batch']}" if result.get("large_batch") else ""
+    return f" on {result['engine']}" + (f" (timed at load: {timed})" if timed else "") + routed
 
 
 def print_interleaved(model: str, round_index: int, result: Dict[str, Any]) -> None:
