@@ -196,10 +196,11 @@ def export_model(args, data_dir: str, model: str) -> Dict[str, str]:
 def mobilenet_data(args) -> str:
     """A prepared data dir of generated 224x224x3 PNGs in 1,000 classes (one image each)."""
     from data_pipeline.images import write_synthetic_folder
+    from data_pipeline.spec import SPEC_NAME
 
     root = os.path.join(args.work_dir, "serving", "mobilenet_data")
     data_dir = os.path.join(root, "prepared")
-    if not os.path.exists(os.path.join(data_dir, "spec.json")):
+    if not os.path.exists(os.path.join(data_dir, SPEC_NAME)):
         shutil.rmtree(root, ignore_errors=True)
         folder = write_synthetic_folder(
             os.path.join(root, "images"), {"train": 1000, "test": 1000}, (224, 224, 3), 1000
