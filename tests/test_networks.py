@@ -146,9 +146,11 @@ for number, path in enumerate(paths):
     out["serving_session"] = session(image=images)["probabilities"]
     out["serving_unfrozen"] = serving.load(path, freeze=False, engine="tensorflow")(
         image=images)["probabilities"]
-    by_example = serving.load(path, "examples:serving_default")
+    # examples:predict here, examples:serving_default through TensorFlow 2's signatures below.
+    by_example = serving.load(path, "examples:predict")
     assert by_example.engine == "tensorflow", "tf.Example signatures are SavedModel-only"
-    out["serving_examples"] = by_example(examples=examples)["probabilities"]
+    by_example = by_example(examples=examples)
+    out["serving_examples"] = by_example["probabilities"]
     classify = serving.load(path, "examples:classification")(inputs=examples)
     out["serving_classification"] = classify["scores"]
     # class_names (strings) beside the numbers, on every raw-image path and the examples one.
@@ -156,7 +158,7 @@ for number, path in enumerate(paths):
         "names_xla": np.concatenate(
             [xla(image=images[:5])["class_names"], xla(image=images[5:])["class_names"]]),
         "names_session": session(image=images)["class_names"],
-        "names_examples": serving.load(path, "examples:predict")(examples=examples)["class_names"],
+        "names_examples": by_example["class_names"],
     }
     assert "tensorflow_estimator" not in sys.modules, "serving imported the Estimator"
 
@@ -250,11 +252,12 @@ def test_export_keeps_its_signatures(served):
     )
 
 
-def test_load_describes_the_signature_and_refuses_wrong_inputs(exported):
+@pytest.mark.parametrize("engine", serving.ENGINES)
+def test_load_describes_the_signature_and_refuses_wrong_inputs(exported, engine):
     _, path = exported
     # Given the export folder, load serves its newest version, as TF Serving does.
-    with serving.load(os.path.dirname(path), "predict", xla=False) as model:
-        assert model.path == path
+    with serving.load(os.path.dirname(path), "predict", xla=False, engine=engine) as model:
+        assert model.path == path and model.engine == engine
         assert model.inputs == {"image": (np.float32, (None, 28, 28, 1))}
         assert model.outputs == ["class_names", "classes", "logits", "probabilities"]
         out = model(image=np.zeros([2, 28, 28, 1], np.float32))
