@@ -10,8 +10,9 @@ classes). Then it measures each path, each run in a fresh process, in alternatin
 order rotates:
 
 * ``serving``: ``serving.load(path)``, the recommended in-process path: its own engine choice
-  (onnxruntime and TensorFlow timed at batch 1 during the load, the faster kept; the run reports
-  which, and what the timing found);
+  (onnxruntime and TensorFlow timed at batch 1 and on a large batch during the load, the faster
+  kept, large batches possibly routed to the other; the run reports which, and what the timing
+  found);
 * ``serving_onnxruntime``: ``serving.load(path, engine="onnxruntime")``: forced, no timing (its
   load time against ``serving``'s is what the choice costs);
 * ``onnxruntime``: a bare ``onnxruntime.InferenceSession`` on the same ``model.onnx`` (default
