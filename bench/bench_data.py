@@ -15,6 +15,9 @@ image count and memory stay flat. The largest folder is generated once and kept 
 Engine part (``--engine_images=N``): the same generated folder prepared by the local engine and
 by the Beam engine with 1 and 2 local worker processes, in alternating rounds; images/s and the
 peak resident memory of the whole process tree (Beam's workers are processes of their own).
+``plain1``/``plain2`` run the Beam workers' shard work in plain processes without Beam
+(``plain_workers.py``): the most N workers get on this machine, against which Beam's own cost
+and the machine's limit (two vCPUs that slow each other down) are told apart.
 
 Run from the repository root (under the CPU lock: timings are meaningless otherwise):
     flock /tmp/cpu.lock .venv/bin/python bench/bench_data.py --source_dir=$MNIST_DIR
@@ -78,8 +81,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--engines",
-        default="local,beam1,beam2",
-        help="local, and beamN for the Beam engine with N local worker processes",
+        default="local,beam1,beam2,plain1,plain2",
+        help="local; beamN: the Beam engine with N local worker processes; plainN: the Beam "
+        "workers' shard work in N plain processes, no Beam (the ceiling of N workers here)",
     )
     parser.add_argument("--engine_rounds", type=int, default=2, help="alternating rounds")
     parser.add_argument("--json_out", default=None, help="also write the results as JSON here")
@@ -357,12 +361,20 @@ def run_tree_peak_rss(args):
     return seconds, peak_kib / 1024
 
 
-def engine_args(engine):
-    """main.py flags for ``local`` or ``beamN`` (the Beam engine with N local workers)."""
-    if engine == "local":
-        return []
-    workers = int(engine[len("beam") :])
-    return ["--prepare_engine=beam", f"--beam_options=--direct_num_workers={workers}"]
+def engine_command(engine, source_dir, data_dir):
+    """The command for ``local``, ``beamN`` (the Beam engine with N local workers) or ``plainN``.
+
+    ``plainN``: the Beam workers' shard work in N plain processes without Beam
+    (``plain_workers.py``), the ceiling of N workers on this machine.
+    """
+    if engine.startswith("plain"):
+        script = os.path.join(REPO, "bench", "plain_workers.py")
+        return [sys.executable, script, source_dir, data_dir, engine[len("plain") :]]
+    flags = ["--overwrite"]
+    if engine != "local":
+        workers = int(engine[len("beam") :])
+        flags += ["--prepare_engine=beam", f"--beam_options=--direct_num_workers={workers}"]
+    return prepare_command(source_dir, data_dir, *flags)
 
 
 def engines_part(args, work_dir, results):
@@ -382,8 +394,7 @@ def engines_part(args, work_dir, results):
             source_dir = image_folder(work_dir, count, largest, args.image_shape)
             for engine in order:
                 data_dir = os.path.join(work_dir, f"prepared-{engine}")
-                command = prepare_command(source_dir, data_dir, "--overwrite", *engine_args(engine))
-                seconds, peak_mib = run_tree_peak_rss(command)
+                seconds, peak_mib = run_tree_peak_rss(engine_command(engine, source_dir, data_dir))
                 shutil.rmtree(data_dir, ignore_errors=True)
                 runs[engine, count].append({"seconds": seconds, "peak_mib": peak_mib})
                 benchlib.log(
@@ -449,6 +460,13 @@ def engines_part(args, work_dir, results):
             print(f"{label}: beam2 / beam1 {rate('beam2') / rate('beam1'):.2f}x (goal >= 1.6x)")
         if "local" in engines and "beam2" in engines and rate("local") and rate("beam2"):
             print(f"{label}: beam2 / local {rate('beam2') / rate('local'):.2f}x (goal >= 0.8x)")
+        if "plain1" in engines and "plain2" in engines and rate("plain1") and rate("plain2"):
+            ceiling = rate("plain2") / rate("plain1")
+            print(f"{label}: plain2 / plain1 {ceiling:.2f}x (2 workers' ceiling on this machine)")
+            for n in (1, 2):
+                if f"beam{n}" in engines and rate(f"beam{n}"):
+                    share = rate(f"beam{n}") / rate(f"plain{n}")
+                    print(f"{label}: beam{n} / plain{n} {share:.2f}x (Beam's own cost)")
 
 
 def main(argv=None):

@@ -123,7 +123,7 @@ def _error_from_text(text: str) -> Optional[DataError]:
 
 
 class _WorkerDoFn(beam.DoFn):
-    """Imports TensorFlow in ``setup``, in the worker, and holds each worker to one core.
+    """Imports TensorFlow in ``setup``, in the worker, with one thread for its ops.
 
     Holds only plain Python state when pickled.
     """
@@ -138,10 +138,12 @@ class _WorkerDoFn(beam.DoFn):
         # isort: split
         import tensorflow as tf  # Imported once per worker, not per bundle.
 
-        # One core per worker: the workers are the parallelism (one per core here; Dataflow and
-        # Flink's process environments also run one Python worker per core). Without this,
-        # each worker's tf.data decoding would spread over every core and the workers contend.
-        # Only possible before the worker's first TensorFlow op; later calls raise.
+        # One thread per TensorFlow pool: the workers are the parallelism (one per core here;
+        # Dataflow and Flink's process environments also run one Python worker per core).
+        # Without this, each worker's decoding would spread over every core and the workers
+        # contend. Decoding still overlaps encoding and writing in the main thread, so a
+        # worker keeps about 1.3 cores busy (docs/preparing-at-scale.md). Only possible
+        # before the worker's first TensorFlow op; later calls raise.
         try:
             tf.config.threading.set_inter_op_parallelism_threads(1)
             tf.config.threading.set_intra_op_parallelism_threads(1)
