@@ -1,11 +1,16 @@
 """Helpers the test modules share: main.py and fresh interpreters run as a user runs them, and
 the Estimator's own predictions to compare exports with."""
 
+import atexit
 import contextlib
 import io
+import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -142,34 +147,142 @@ def estimator_probabilities(config, images):
 
 KERAS3_PYTHON = os.path.join(REPO, ".venv-keras3", "bin", "python")
 
+# The Keras 3 interpreter the scripts run in: it imports Keras 3 (and TensorFlow 2.21) once,
+# then forks one child per script, so each script starts from a fresh copy of an interpreter
+# that has imported only ``keras`` (4-6 s of start-up paid once per pytest worker, not once per
+# script). A child runs the script as ``python -c`` would (``sys.argv``, the working folder,
+# ``pythonpath`` after ``''`` on ``sys.path``), its output in two files; nothing a script does
+# reaches the next one. Protocol, one line each: request (JSON) in; the child's pid, then its
+# exit code (as ``subprocess`` gives it: -N for signal N) out.
+KERAS3_SERVER = """
+import json, os, sys, traceback
+import keras
+
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            os.chdir(request["cwd"])
+            sys.path[1:1] = request["pythonpath"]
+            if request["pythonpath"]:
+                os.environ["PYTHONPATH"] = os.pathsep.join(request["pythonpath"])
+            sys.argv = ["-c", *request["args"]]
+            exec(compile(request["script"], "<string>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except SystemExit as exit_:
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:
+                print(exit_.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # Never back into this loop.
+    print(pid, flush=True)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+_keras3_server = None
+
+
+def _keras3_server_process():
+    """The running Keras 3 fork server of this process, started on first use."""
+    global _keras3_server
+    if _keras3_server is None or _keras3_server.poll() is not None:
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "TF_USE_LEGACY_KERAS")
+        }
+        env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", KERAS_BACKEND="tensorflow")
+        _keras3_server = subprocess.Popen(
+            [KERAS3_PYTHON, "-c", KERAS3_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            env=env,
+            cwd=os.path.dirname(KERAS3_PYTHON),
+        )
+        atexit.register(_stop_keras3_server, _keras3_server)
+    return _keras3_server
+
+
+def _stop_keras3_server(server):
+    server.kill()  # Holds nothing to save.
+    server.wait(timeout=30)
+    server.stdin.close()
+    server.stdout.close()
+
+
+def _read_line(server, deadline, pid=None):
+    """The server's next line as a number; past ``deadline`` the child ``pid`` is killed first.
+
+    Read a byte at a time from the unbuffered pipe, so ``select`` sees every line not yet read.
+    """
+    line = b""
+    while not line.endswith(b"\n"):
+        if not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if pid is None:
+                raise RuntimeError("the Keras 3 server does not answer")
+            with contextlib.suppress(ProcessLookupError):  # Already ended: its code is coming.
+                os.kill(pid, signal.SIGKILL)
+            pid, deadline = None, time.monotonic() + 30
+            continue
+        byte = os.read(server.stdout.fileno(), 1)
+        if not byte:
+            raise RuntimeError(f"the Keras 3 server stopped (exit {server.wait()})")
+        line += byte
+    return int(line)
+
 
 def run_keras3(script, *args, timeout=240, cwd=None, pythonpath=()):
     """Runs ``script`` (``sys.argv[1:] = args``) under Keras 3 (TensorFlow 2.21, ``.venv-keras3``).
 
     Nothing of this project is on that interpreter's path unless ``pythonpath`` names it: by
     default it is what a Keras 3 user has. ``make test`` builds the environment (``make
-    setup-keras3``); without it the test fails and says so, it never skips.
+    setup-keras3``); without it the test fails and says so, it never skips. The script runs in a
+    child forked from an interpreter that has imported ``keras`` and nothing else
+    (``KERAS3_SERVER``).
 
     Returns:
         The finished ``subprocess.CompletedProcess`` (not checked: refusals are tested too).
+
+    Raises:
+        subprocess.TimeoutExpired: The script ran longer than ``timeout`` seconds (it is killed).
     """
+    import tempfile
+
     import pytest
 
     if not os.path.exists(KERAS3_PYTHON):
         pytest.fail(f"{KERAS3_PYTHON} is missing: run `make setup-keras3` (make test does)")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "TF_USE_LEGACY_KERAS")
-    }
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="", KERAS_BACKEND="tensorflow")
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join(map(str, pythonpath))
-    return subprocess.run(
-        [KERAS3_PYTHON, "-c", script, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=cwd or os.path.dirname(KERAS3_PYTHON),
-    )
+    server = _keras3_server_process()
+    args = [str(arg) for arg in args]
+    with tempfile.TemporaryDirectory() as folder:
+        request = {
+            "script": script,
+            "args": args,
+            "cwd": str(cwd or os.path.dirname(KERAS3_PYTHON)),
+            "pythonpath": [str(path) for path in pythonpath],
+            "stdout": os.path.join(folder, "stdout"),
+            "stderr": os.path.join(folder, "stderr"),
+        }
+        deadline = time.monotonic() + timeout + 120  # The server's own start-up comes first.
+        data = json.dumps(request).encode() + b"\n"
+        while data:  # An unbuffered pipe may take part of it at a time.
+            data = data[server.stdin.write(data) :]
+        pid = _read_line(server, deadline)
+        deadline = time.monotonic() + timeout
+        returncode = _read_line(server, deadline, pid)
+        timed_out = time.monotonic() > deadline
+        with open(request["stdout"]) as out, open(request["stderr"]) as err:
+            stdout, stderr = out.read(), err.read()
+    command = [KERAS3_PYTHON, "-c", script, *args]
+    if timed_out and returncode == -signal.SIGKILL:
+        raise subprocess.TimeoutExpired(command, timeout, stdout, stderr)
+    return subprocess.CompletedProcess(command, returncode, stdout, stderr)
