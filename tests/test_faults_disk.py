@@ -7,12 +7,13 @@ mount is invisible outside and dies with the process), runs ``main.py``'s ``main
 is still complete and loadable and that nothing half-written is left; then it makes room (a
 larger remount, or the filler file removed) and reruns the same command, which finishes the job.
 
-All cases run in ONE namespaced process (one interpreter start); each test below
-reports its own case.
+All cases run in ONE namespaced process (forked from a warm interpreter: no TensorFlow start);
+each test below reports its own case.
 """
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 import traceback
 
 import pytest
-from cli_helpers import REPO
+from cli_helpers import REPO, run_forked
 
 EXIT_DISK_FULL = 75
 PAGE = 4096
@@ -477,14 +478,15 @@ def full_disk_cases(mnist_data_dir, mnist_small_npz, tmp_path_factory):
     if shutil.which("unshare") is None or probe.returncode != 0:
         pytest.skip("needs unshare --mount (root or CAP_SYS_ADMIN) to mount a small tmpfs")
     root = tmp_path_factory.mktemp("full_disk")
-    run = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, __file__]
-        + [str(root), str(mnist_data_dir), str(mnist_small_npz)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    # This file run as a script, in a child of cli_helpers' main.py fork server (main.py's
+    # imports done) put in a private mount namespace first.
+    run = run_forked(
+        pathlib.Path(__file__).read_text(),
+        *(str(path) for path in (root, mnist_data_dir, mnist_small_npz)),
+        filename=__file__,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
+        pythonpath=[os.path.join(REPO, "tests")],
+        namespace=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])
