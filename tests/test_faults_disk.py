@@ -296,6 +296,11 @@ def _case_evaluate(data_dir, model_dir):
 
     # Room for another events file like the rerun's, not for the CSV beside it.
     events = max(tf.io.gfile.glob(f"{model_dir}/eval_test/events.*"), key=os.path.getmtime)
+    # TensorFlow names an events file by the second its writer opened it (and the host, no
+    # pid): a writer opened within the rerun's second would truncate the rerun's file, freeing
+    # its pages for the CSV (the case then failed about one run in four).
+    while time.time() < int(os.path.basename(events).split(".")[3]) + 1:
+        time.sleep(0.05)
     tf.compat.v1.summary.FileWriterCache.clear()
     earlier = open(csv_path, "rb").read()
     filler = _fill(model_dir, os.path.getsize(events))
