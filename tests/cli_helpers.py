@@ -482,7 +482,9 @@ class ForkedMain:
             _main_child = None
 
     def send_signal(self, sig):
-        if self.returncode is None:
+        # Polled first, as Popen does: the server reaps its child at once, so a pid whose exit
+        # code has come may already name another process.
+        if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):  # Already gone, as Popen allows.
                 os.kill(self.pid, sig)
 
