@@ -9,14 +9,12 @@ import collections
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from cli_helpers import MAIN, REPO, assert_cli_error, run_cli
+from cli_helpers import assert_cli_error, fork_main, run_cli
 from conftest import DIGIT_NAMES, write_png_folder
 
 import data_pipeline
@@ -110,22 +108,16 @@ def digits_killed_then_rerun(digits_folder, tmp_path_factory):
     Returns (data_dir, what the killed run left: file names).
     """
     data_dir = tmp_path_factory.mktemp("digits_killed")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            MAIN,
-            "--mode=prepare",
-            f"--source_dir={digits_folder}",
-            f"--data_dir={data_dir}",
-            f"--records_per_shard={DIGITS_SHARD}",
-            "--prepare_engine=beam",
-            TWO_WORKERS,
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # Its own process group: the kill reaches Beam's workers too.
+    # main.py forked from a warm interpreter (cli_helpers.fork_main): a real process with
+    # main.py's imports done, in a session of its own so the kill reaches Beam's workers too.
+    proc = fork_main(
+        "--mode=prepare",
+        f"--source_dir={digits_folder}",
+        f"--data_dir={data_dir}",
+        f"--records_per_shard={DIGITS_SHARD}",
+        "--prepare_engine=beam",
+        TWO_WORKERS,
+        new_session=True,
     )
     journal = data_dir / beam_writer.WORK_DIR
     deadline = time.monotonic() + 240

@@ -1,7 +1,8 @@
 """Distributed training: a real TF_CONFIG cluster on 127.0.0.1 and MirroredStrategy on 2 CPUs.
 
 Both run in subprocesses: a cluster task needs its own TF_CONFIG and server, and logical CPU
-devices must be configured before TensorFlow initialises its runtime.
+devices must be configured before TensorFlow initialises its runtime (in a process forked from
+one that has imported TensorFlow but not started its runtime: ``cli_helpers.run_forked``).
 """
 
 import glob
@@ -11,7 +12,7 @@ import os
 
 import pytest
 import tensorflow as tf
-from cli_helpers import run_fresh_python
+from cli_helpers import run_forked
 
 import distribution
 import estimator_bridge
@@ -188,7 +189,9 @@ USER_BN_NET = "user_models:build_bn_net"
 def mirrored_runs(mnist_data_dir, tmp_path_factory):
     """Train and evaluate results of the cnn and a user builder under MirroredStrategy on 2 CPUs.
 
-    Both run in one fresh process (the logical CPUs must exist before TensorFlow starts).
+    Both run in one process of their own (the logical CPUs must exist before TensorFlow's
+    runtime starts), forked from a warm interpreter that has imported TensorFlow and main.py's
+    modules without starting that runtime (``cli_helpers.run_forked``).
     """
     root = tmp_path_factory.mktemp("mirrored")
     common = {
@@ -216,12 +219,14 @@ def mirrored_runs(mnist_data_dir, tmp_path_factory):
             "train_steps": 40,
         },
     }
-    run = run_fresh_python(
+    run = run_forked(
         MIRRORED_SCRIPT,
         json.dumps(configs),
         timeout=MIRRORED_TIMEOUT_SECS,
         pythonpath=[os.path.join(REPO, "tests")],
+        env={"CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
+    assert run.returncode == 0, run.stderr[-2000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

@@ -24,16 +24,14 @@ import re
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 import time
 import tracemalloc
 
+import cli_helpers
 import numpy as np
 import pytest
 import tensorflow as tf
-from cli_helpers import REPO, assert_cli_error, run_cli
+from cli_helpers import assert_cli_error, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -666,116 +664,15 @@ def test_cli_evaluate_bad_shards(small_data_dir, trained_model_dir, damage):
 
 # --- 3. SIGKILL during prepare through the CLI --------------------------------------------------
 
-# A fork server for main.py: it imports what main.py imports once (the 4-7 s of a cold start),
-# then forks one child per request, which runs ``main.main`` as ``python main.py ARGS`` would after
-# its imports. The children are real processes to SIGKILL, each started in milliseconds. A request
-# is one JSON line (args, and optionally an export step to pause at); the server answers with the
-# child's pid, then with its exit code once the child is gone.
-FORK_SERVER = textwrap.dedent(
-    """
-    import json, os, sys, time
-
-    import tfenv  # noqa: F401
-    import tensorflow as tf
-    from tensorflow.python.saved_model import builder_impl
-
-    import data_pipeline, estimator_bridge, flags, jobs, keras_models, main  # noqa: F401
-
-    # Patches one step of the export to create ready_file and wait there for the kill.
-    def pause_at(point, ready_file):
-        def pause(*args, **kwargs):
-            open(ready_file, "w").close()
-            time.sleep(600)
-
-        if point == "temp-variables-written":  # Before saved_model.pb is written.
-            builder_impl.SavedModelBuilder.save = pause
-        elif point == "temp-complete":  # Before temp-<ts> is renamed to <ts>.
-            tf.compat.v1.gfile.Rename = pause
-        elif point == "keras-tmp-complete":  # Before <name>.tmp.keras is renamed to <name>.
-            real_replace = os.replace
-
-            def replace(src, dst, *args, **kwargs):
-                if str(src).endswith(".tmp.keras"):
-                    pause()
-                return real_replace(src, dst, *args, **kwargs)
-
-            os.replace = replace
-
-    flags.define_flags()
-    for line in sys.stdin:
-        request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)  # Output discarded, as start_main's.
-                os.dup2(devnull, 1)
-                os.dup2(devnull, 2)
-                if request.get("pause_at"):
-                    pause_at(request["pause_at"], request["ready_file"])
-                main.main(main.parse_flags([main.__file__, *request["args"]]))
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-            finally:
-                os._exit(code)  # Never back into this loop.
-        print(pid, flush=True)
-        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-    """
-)
-
-
-class ForkedMain:
-    """One child of the fork server, handled like the ``subprocess.Popen`` of ``start_main``."""
-
-    def __init__(self, server, request):
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        self._server = server
-        self.pid = int(server.stdout.readline())
-        self.returncode = None
-
-    def poll(self):
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:  # Reaped by the server, which has sent its exit code.
-                self.wait()
-        return self.returncode
-
-    def send_signal(self, sig):
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:  # Already gone, as Popen.send_signal allows.
-                pass
-
-    def wait(self):
-        if self.returncode is None:
-            self.returncode = int(self._server.stdout.readline())
-        return self.returncode
-
 
 @pytest.fixture(scope="module")
 def fork_main():
     """Starts ``main.py ARGS`` as a forked child of a warm interpreter: ``fork_main(*args)``.
 
     Keyword ``pause_at`` (an export step) and ``ready_file`` make the child create that file at
-    that step and wait there to be killed.
+    that step and wait there to be killed (``cli_helpers.fork_main``).
     """
-    server = subprocess.Popen(
-        [sys.executable, "-c", FORK_SERVER],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    yield lambda *args, **pause: ForkedMain(server, {"args": list(args), **pause})
-    server.kill()  # Holds nothing to save; a clean exit with TensorFlow loaded takes a second.
-    server.wait(timeout=30)
-    server.stdin.close()
-    server.stdout.close()
+    return cli_helpers.fork_main
 
 
 def poll(condition, proc, timeout=120.0):

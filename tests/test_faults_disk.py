@@ -7,12 +7,13 @@ mount is invisible outside and dies with the process), runs ``main.py``'s ``main
 is still complete and loadable and that nothing half-written is left; then it makes room (a
 larger remount, or the filler file removed) and reruns the same command, which finishes the job.
 
-All cases run in ONE namespaced process (one interpreter start); each test below
-reports its own case.
+All cases run in ONE namespaced process (forked from a warm interpreter: no TensorFlow start);
+each test below reports its own case.
 """
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import time
 import traceback
 
 import pytest
-from cli_helpers import REPO
+from cli_helpers import REPO, run_forked
 
 EXIT_DISK_FULL = 75
 PAGE = 4096
@@ -295,6 +296,11 @@ def _case_evaluate(data_dir, model_dir):
 
     # Room for another events file like the rerun's, not for the CSV beside it.
     events = max(tf.io.gfile.glob(f"{model_dir}/eval_test/events.*"), key=os.path.getmtime)
+    # TensorFlow names an events file by the second its writer opened it (and the host, no
+    # pid): a writer opened within the rerun's second would truncate the rerun's file, freeing
+    # its pages for the CSV (the case then failed about one run in four).
+    while time.time() < int(os.path.basename(events).split(".")[3]) + 1:
+        time.sleep(0.05)
     tf.compat.v1.summary.FileWriterCache.clear()
     earlier = open(csv_path, "rb").read()
     filler = _fill(model_dir, os.path.getsize(events))
@@ -477,14 +483,15 @@ def full_disk_cases(mnist_data_dir, mnist_small_npz, tmp_path_factory):
     if shutil.which("unshare") is None or probe.returncode != 0:
         pytest.skip("needs unshare --mount (root or CAP_SYS_ADMIN) to mount a small tmpfs")
     root = tmp_path_factory.mktemp("full_disk")
-    run = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", sys.executable, __file__]
-        + [str(root), str(mnist_data_dir), str(mnist_small_npz)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    # This file run as a script, in a child of cli_helpers' main.py fork server (main.py's
+    # imports done) put in a private mount namespace first.
+    run = run_forked(
+        pathlib.Path(__file__).read_text(),
+        *(str(path) for path in (root, mnist_data_dir, mnist_small_npz)),
+        filename=__file__,
         timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
+        pythonpath=[os.path.join(REPO, "tests")],
+        namespace=True,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])

@@ -4,15 +4,12 @@ The runs that need no signal (the uninterrupted run, reruns, the NaN) run main.m
 test process (cli_helpers.run_cli).
 """
 
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import tensorflow as tf
-from cli_helpers import MAIN, REPO, checkpoint_variables, differing_variables, run_cli
+from cli_helpers import checkpoint_variables, differing_variables, fork_main, run_cli
 
 
 def _args(data_dir, model_dir, *extra):
@@ -29,15 +26,11 @@ def _args(data_dir, model_dir, *extra):
 
 
 def _start(args):
-    """``python main.py ARGS`` in a real process (to signal), its output in pipes."""
-    return subprocess.Popen(
-        [sys.executable, MAIN, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
+    """``main.py ARGS`` in a real process (to signal), its output captured.
+
+    Forked from a warm interpreter that has imported main.py's modules (``cli_helpers.fork_main``).
+    """
+    return fork_main(*args, capture=True)
 
 
 def _wait_for_checkpoint(model_dir, process, least_step, timeout=240):

@@ -6,17 +6,14 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import tensorflow as tf
-from cli_helpers import REPO, assert_cli_error, run_cli
+from cli_helpers import REPO, assert_cli_error, fork_main, run_cli, run_forked
 
 import estimator_bridge
 import preflight
-
-MAIN = os.path.join(REPO, "main.py")
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +109,10 @@ def test_data_dir_that_is_a_file(mode, a_file, tmp_path):
 
 
 _UNDER_THE_MOUNT = """
-import json, sys
+import json, subprocess, sys
 from cli_helpers import run_cli
-runs = [run_cli(*args) for args in json.loads(sys.argv[1])]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", sys.argv[1]], check=True)
+runs = [run_cli(*args) for args in json.loads(sys.argv[2])]
 print(json.dumps([[run.returncode, run.stderr] for run in runs]))
 """
 
@@ -122,24 +120,15 @@ print(json.dumps([[run.returncode, run.stderr] for run in runs]))
 def _read_only_mount(folder, runs):
     """Runs main.py once per argument list with a read-only tmpfs on ``folder``.
 
-    One process in a private mount namespace runs them all (``cli_helpers.run_cli``).
+    One process in a private mount namespace runs them all (``cli_helpers.run_cli``), forked
+    from a warm interpreter (``cli_helpers.run_forked``).
     """
-    run = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "sh",
-            "-c",
-            f'mount -t tmpfs -o ro tmpfs "{folder}" && exec "$0" -c "$1" "$2"',
-            sys.executable,
-            _UNDER_THE_MOUNT,
-            json.dumps(runs),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.path.join(REPO, "tests")])},
+    run = run_forked(
+        _UNDER_THE_MOUNT,
+        folder,
+        json.dumps(runs),
+        pythonpath=[os.path.join(REPO, "tests")],
+        namespace=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     results = json.loads(run.stdout.splitlines()[-1])
@@ -197,17 +186,9 @@ def _train_args(data_dir, model_dir, mode="train", *extra):
 
 def test_second_trainer_stops_at_once_and_writes_nothing(mnist_data_dir, tmp_path):
     model_dir = tmp_path / "model"
-    first = subprocess.Popen(
-        [
-            sys.executable,
-            MAIN,
-            *_train_args(mnist_data_dir, model_dir, "train", "--train_steps=100000"),
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    # A real process, forked from a warm interpreter that has imported main.py's modules.
+    first = fork_main(
+        *_train_args(mnist_data_dir, model_dir, "train", "--train_steps=100000"), capture=True
     )
     try:
         deadline = time.monotonic() + 240
