@@ -314,18 +314,21 @@ def test_engine_choice_without_onnxruntime_and_when_forced(exports, monkeypatch)
         assert model.engine == "tensorflow"
 
 
-def _slowed(monkeypatch, engine_class, seconds: float) -> list:
-    """Makes every call of ``engine_class`` models ``seconds`` slower; returns the call log."""
-    calls = []
+def _slowed(monkeypatch, engine_class, seconds: float, large=None) -> list:
+    """Makes ``engine_class`` calls ``seconds`` slower: all of them, or (``large`` True/False)
+    only those of batches of 8+ or below 8. Returns the log of every call's batch size."""
+    sizes = []
     call = engine_class.__call__
 
     def slow(self, *args, **kwargs):
-        calls.append(self)
-        time.sleep(seconds)
+        size = len(args[0] if args else kwargs["image"])
+        sizes.append(size)
+        if large is None or (size >= 8) == large:
+            time.sleep(seconds)
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(engine_class, "__call__", slow)
-    return calls
+    return sizes
 
 
 def test_auto_engine_is_the_faster_one_timed_at_load(exports, test_digits, monkeypatch):
@@ -365,30 +368,11 @@ def test_auto_engine_falls_back_to_tensorflow_when_onnxruntime_fails(exports, ca
         serving.load(exports["cnn"], engine="onnxruntime")
 
 
-def _slowed_batches(monkeypatch, engine_class, seconds: float, large: bool) -> list:
-    """Makes ``engine_class`` calls of batches of 8+ (``large``) or below 8 ``seconds`` slower.
-
-    Returns the log of the batch sizes the class was called with.
-    """
-    sizes = []
-    call = engine_class.__call__
-
-    def slow(self, *args, **kwargs):
-        size = len(args[0] if args else kwargs["image"])
-        sizes.append(size)
-        if (size >= 8) == large:
-            time.sleep(seconds)
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(engine_class, "__call__", slow)
-    return sizes
-
-
 def test_large_batches_go_to_the_engine_faster_at_them(exports, test_digits, monkeypatch):
     """onnxruntime slow on large batches, TensorFlow on small: both kept, routed by batch size."""
     path, images = exports["rnn"], test_digits[0]
-    onnx_sizes = _slowed_batches(monkeypatch, serving.OnnxModel, 0.3, large=True)
-    tf_sizes = _slowed_batches(monkeypatch, serving.ServedModel, 0.03, large=False)
+    onnx_sizes = _slowed(monkeypatch, serving.OnnxModel, 0.3, large=True)
+    tf_sizes = _slowed(monkeypatch, serving.ServedModel, 0.03, large=False)
     model = serving.load(path, xla=False)
     assert (model.engine, model.large_batch_engine) == ("onnxruntime", "tensorflow")
     assert model.large_batch_size == serving.LARGE_BATCH == 512  # 512 MNIST digits: 1.6 MB
