@@ -17,7 +17,7 @@ by the Beam engine with 1 and 2 local worker processes, in alternating rounds; i
 peak resident memory of the whole process tree (Beam's workers are processes of their own).
 ``plain1``/``plain2`` run the Beam workers' shard work in plain processes without Beam
 (``plain_workers.py``): the most N workers get on this machine, against which Beam's own cost
-and the machine's limit (two vCPUs that slow each other down) are told apart.
+and the machine's limit (one worker already keeps more than one core busy) are told apart.
 
 Run from the repository root (under the CPU lock: timings are meaningless otherwise):
     flock /tmp/cpu.lock .venv/bin/python bench/bench_data.py --source_dir=$MNIST_DIR

@@ -262,6 +262,22 @@ class _WriteShard(_WorkerDoFn):
         yield name
 
 
+def shard_plan(
+    source: DataSource, records_per_shard: int, compression: Optional[str]
+) -> Tuple[Dict[str, int], Dict[Tuple[str, int], str]]:
+    """Each split's shard count (as the local engine's), and each ``(split, shard)``'s file name."""
+    num_shards = {
+        split: max(1, math.ceil(source.num_records(split) / records_per_shard))
+        for split in source.split_names
+    }
+    names = {
+        (split, i): shard_name(split, i, count, compression)
+        for split, count in num_shards.items()
+        for i in range(count)
+    }
+    return num_shards, names
+
+
 def _options(beam_options: Optional[str]) -> Tuple[PipelineOptions, object]:
     """Beam's options from the user's string, and the runner to name (None: Beam's choice)."""
     try:
@@ -384,15 +400,7 @@ def prepare_beam(
         _clean_tmp(data_dir, keep_dirs=True)
         work_dir = data_dir / WORK_DIR
         done = _read_journal(data_dir, work_dir, fingerprint, resume=not overwrite)
-        num_shards = {
-            split: max(1, math.ceil(source.num_records(split) / records_per_shard))
-            for split in source.split_names
-        }
-        names = {
-            (split, i): shard_name(split, i, count, compression)
-            for split, count in num_shards.items()
-            for i in range(count)
-        }
+        num_shards, names = shard_plan(source, records_per_shard, compression)
         skip = {key for key, name in names.items() if name in done}
         _run(source, options, runner, num_shards, skip, names, compression, chunk_bytes, data_dir)
         spec = _finish(data_dir, work_dir, source, names, records_per_shard, compression)

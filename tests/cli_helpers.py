@@ -147,31 +147,18 @@ def estimator_probabilities(config, images):
 
 KERAS3_PYTHON = os.path.join(REPO, ".venv-keras3", "bin", "python")
 
-# The Keras 3 interpreter the scripts run in: it imports Keras 3 (and TensorFlow 2.21) once,
-# then forks one child per script, so each script starts from a fresh copy of an interpreter
-# that has imported only ``keras`` (4-6 s of start-up paid once per pytest worker, not once per
-# script). A child runs the script as ``python -c`` would (``sys.argv``, the working folder,
-# ``pythonpath`` after ``''`` on ``sys.path``), its output in two files; nothing a script does
-# reaches the next one. Protocol, one line each: request (JSON) in; the child's pid, then its
-# exit code (as ``subprocess`` gives it: -N for signal N) out.
-KERAS3_SERVER = """
-import json, os, sys, traceback
-import keras
-
+# What both fork servers below run after their own imports: one child per request line, which
+# runs ``run(request)`` and exits with its code (``sys.exit``'s, 1 for an exception, printed);
+# the server answers with the child's pid, then its exit code (as ``subprocess`` gives it: -N
+# for signal N), one line each. A request is one line of JSON (``_send``).
+_FORK_LOOP = """
 for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            os.chdir(request["cwd"])
-            sys.path[1:1] = request["pythonpath"]
-            if request["pythonpath"]:
-                os.environ["PYTHONPATH"] = os.pathsep.join(request["pythonpath"])
-            sys.argv = ["-c", *request["args"]]
-            exec(compile(request["script"], "<string>", "exec"), {"__name__": "__main__"})
+            run(request)
             code = 0
         except SystemExit as exit_:
             if exit_.code is None or isinstance(exit_.code, int):
@@ -187,6 +174,30 @@ for line in sys.stdin:
     print(pid, flush=True)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
+
+# The Keras 3 interpreter the scripts run in: it imports Keras 3 (and TensorFlow 2.21) once,
+# then forks one child per script, so each script starts from a fresh copy of an interpreter
+# that has imported only ``keras`` (4-6 s of start-up paid once per pytest worker, not once per
+# script). A child runs the script as ``python -c`` would (``sys.argv``, the working folder,
+# ``pythonpath`` after ``''`` on ``sys.path``), its output in two files; nothing a script does
+# reaches the next one (``_FORK_LOOP``).
+KERAS3_SERVER = (
+    """
+import json, os, sys, traceback
+import keras
+
+def run(request):
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    os.chdir(request["cwd"])
+    sys.path[1:1] = request["pythonpath"]
+    if request["pythonpath"]:
+        os.environ["PYTHONPATH"] = os.pathsep.join(request["pythonpath"])
+    sys.argv = ["-c", *request["args"]]
+    exec(compile(request["script"], "<string>", "exec"), {"__name__": "__main__"})
+"""
+    + _FORK_LOOP
+)
 _keras3_server = None
 
 
@@ -219,23 +230,27 @@ def _stop_server(server):
     server.stdout.close()
 
 
-def _read_line(server, deadline, pid=None):
-    """The server's next line as a number; past ``deadline`` the child ``pid`` is killed first.
+def _send(server, request):
+    """Writes ``request`` to a fork server as one line of JSON."""
+    data = json.dumps(request).encode() + b"\n"
+    while data:  # An unbuffered pipe may take part of it at a time.
+        data = data[server.stdin.write(data) :]
+
+
+def _server_line(server, timeout):
+    """The server's next line as a number, or None if none came within ``timeout`` seconds.
 
     Read a byte at a time from the unbuffered pipe, so ``select`` sees every line not yet read.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     line = b""
     while not line.endswith(b"\n"):
-        if not select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            if pid is None:
-                raise RuntimeError("the Keras 3 server does not answer")
-            with contextlib.suppress(ProcessLookupError):  # Already ended: its code is coming.
-                os.kill(pid, signal.SIGKILL)
-            pid, deadline = None, time.monotonic() + 30
-            continue
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([server.stdout], [], [], left)[0]:
+            return None
         byte = os.read(server.stdout.fileno(), 1)
         if not byte:
-            raise RuntimeError(f"the Keras 3 server stopped (exit {server.wait()})")
+            raise RuntimeError(f"the fork server of {server.args[0]} ended (exit {server.wait()})")
         line += byte
     return int(line)
 
@@ -272,14 +287,18 @@ def run_keras3(script, *args, timeout=240, cwd=None, pythonpath=()):
             "stdout": os.path.join(folder, "stdout"),
             "stderr": os.path.join(folder, "stderr"),
         }
-        deadline = time.monotonic() + timeout + 120  # The server's own start-up comes first.
-        data = json.dumps(request).encode() + b"\n"
-        while data:  # An unbuffered pipe may take part of it at a time.
-            data = data[server.stdin.write(data) :]
-        pid = _read_line(server, deadline)
-        deadline = time.monotonic() + timeout
-        returncode = _read_line(server, deadline, pid)
-        timed_out = time.monotonic() > deadline
+        _send(server, request)
+        pid = _server_line(server, timeout + 120)  # The server's own start-up comes first.
+        if pid is None:
+            raise RuntimeError("the Keras 3 server does not answer")
+        returncode = _server_line(server, timeout)
+        timed_out = returncode is None
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):  # Already ended: its code is coming.
+                os.kill(pid, signal.SIGKILL)
+            returncode = _server_line(server, 30)
+            if returncode is None:
+                raise RuntimeError("the Keras 3 server does not answer")
         with open(request["stdout"]) as out, open(request["stderr"]) as err:
             stdout, stderr = out.read(), err.read()
     command = [KERAS3_PYTHON, "-c", script, *args]
@@ -292,10 +311,10 @@ def run_keras3(script, *args, timeout=240, cwd=None, pythonpath=()):
 # start), then forks one child per request, which runs ``main.main`` as ``python main.py ARGS``
 # would after its imports. The children are real processes to signal or SIGKILL (their own pid,
 # optionally their own session and process group), each started in milliseconds; nothing one
-# child does reaches the next. One server per pytest worker, started on first use. Protocol, one
-# line each: request (JSON) in; the child's pid, then its exit code (as ``subprocess`` gives it:
-# -N for signal N) out.
-MAIN_SERVER = """
+# child does reaches the next. One server per pytest worker, started on first use
+# (``_FORK_LOOP``).
+MAIN_SERVER = (
+    """
 import json, os, sys, time, traceback
 
 import tfenv  # noqa: F401 - before TensorFlow, as main.py imports it
@@ -325,56 +344,38 @@ def pause_at(point, ready_file):
         os.replace = replace
 
 flags.define_flags()
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if request["new_session"]:  # A process group of its own, for os.killpg.
-                os.setsid()
-            if request["namespace"]:  # As `unshare --mount --propagation private` would.
-                import ctypes
 
-                libc = ctypes.CDLL(None, use_errno=True)
-                MS_REC, MS_PRIVATE, CLONE_NEWNS = 0x4000, 0x40000, 0x20000
-                if libc.unshare(CLONE_NEWNS) or libc.mount(
-                    b"none", b"/", None, MS_REC | MS_PRIVATE, None
-                ):
-                    raise OSError(ctypes.get_errno(), "no private mount namespace")
-            os.environ.update(request["env"])
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-                flags_ = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if path else os.O_WRONLY
-                os.dup2(os.open(path or os.devnull, flags_), fd)
-            if request["script"] is not None:  # As `python FILE ARGS` (or -c) would run it.
-                sys.path[0:0] = request["pythonpath"]
-                if request["pythonpath"]:
-                    os.environ["PYTHONPATH"] = os.pathsep.join(
-                        [*request["pythonpath"], os.environ["PYTHONPATH"]]
-                    )
-                sys.argv = [request["filename"], *request["args"]]
-                code_ = compile(request["script"], request["filename"], "exec")
-                exec(code_, {"__name__": "__main__", "__file__": request["filename"]})
-            else:
-                if request["pause_at"]:
-                    pause_at(request["pause_at"], request["ready_file"])
-                main.main(main.parse_flags([main.__file__, *request["args"]]))
-            code = 0
-        except SystemExit as exit_:
-            if exit_.code is None or isinstance(exit_.code, int):
-                code = exit_.code or 0
-            else:
-                print(exit_.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)  # Never back into this loop.
-    print(pid, flush=True)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+def run(request):
+    if request["new_session"]:  # A process group of its own, for os.killpg.
+        os.setsid()
+    if request["namespace"]:  # As `unshare --mount --propagation private` would.
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        MS_REC, MS_PRIVATE, CLONE_NEWNS = 0x4000, 0x40000, 0x20000
+        if libc.unshare(CLONE_NEWNS) or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None):
+            raise OSError(ctypes.get_errno(), "no private mount namespace")
+    os.environ.update(request["env"])
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        flags_ = os.O_WRONLY | os.O_CREAT | os.O_TRUNC if path else os.O_WRONLY
+        os.dup2(os.open(path or os.devnull, flags_), fd)
+    if request["script"] is not None:  # As `python FILE ARGS` (or -c) would run it.
+        sys.path[0:0] = request["pythonpath"]
+        if request["pythonpath"]:
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [*request["pythonpath"], os.environ["PYTHONPATH"]]
+            )
+        sys.argv = [request["filename"], *request["args"]]
+        code = compile(request["script"], request["filename"], "exec")
+        exec(code, {"__name__": "__main__", "__file__": request["filename"]})
+    else:
+        if request["pause_at"]:
+            pause_at(request["pause_at"], request["ready_file"])
+        main.main(main.parse_flags([main.__file__, *request["args"]]))
 """
+    + _FORK_LOOP
+)
 _main_server = None
 _main_child = None
 
@@ -393,21 +394,6 @@ def _main_server_process():
         )
         atexit.register(_stop_server, _main_server)
     return _main_server
-
-
-def _server_line(server, timeout):
-    """The server's next line as a number, or None if none came within ``timeout`` seconds."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    line = b""
-    while not line.endswith(b"\n"):
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([server.stdout], [], [], left)[0]:
-            return None
-        byte = os.read(server.stdout.fileno(), 1)
-        if not byte:
-            raise RuntimeError(f"the main.py fork server stopped (exit {server.wait()})")
-        line += byte
-    return int(line)
 
 
 class ForkedMain:
@@ -450,9 +436,7 @@ class ForkedMain:
             "stdout": capture and os.path.join(self._folder, "stdout"),
             "stderr": capture and os.path.join(self._folder, "stderr"),
         }
-        data = json.dumps(request).encode() + b"\n"
-        while data:  # An unbuffered pipe may take part of it at a time.
-            data = data[server.stdin.write(data) :]
+        _send(server, request)
         self._server = server
         self.args = [MAIN, *request["args"]]
         self.pid = _server_line(server, 300)  # The server's own start-up comes first.

@@ -287,14 +287,20 @@ def test_one_model_serves_eight_threads_at_once(exports, test_digits, engine):
     model = serving.load(exports["rnn"], engine=engine, xla=False)  # xla: TensorFlow's Session
     assert model.engine == engine
     batches = [images[i : i + 1 + i % 3] for i in range(8)]  # batch sizes 1-3
+    assert_threads_get_serial_outputs(model, batches, calls=10)
+
+
+def assert_threads_get_serial_outputs(model, batches, calls):
+    """One thread per batch, started together, each calling ``model`` ``calls`` times: every
+    output equals the serial call's."""
     serial = [model(image=batch)["probabilities"] for batch in batches]
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(len(batches))
 
     def call(batch):
         barrier.wait()
-        return [model(image=batch)["probabilities"] for _ in range(10)]
+        return [model(image=batch)["probabilities"] for _ in range(calls)]
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(len(batches)) as pool:
         concurrent_results = list(pool.map(call, batches))
     for expected, results in zip(serial, concurrent_results):
         for result in results:
@@ -400,17 +406,7 @@ def test_large_batches_go_to_the_engine_faster_at_them(exports, test_digits, mon
         np.testing.assert_allclose(large, alone(image=images[:edge])["probabilities"], atol=1e-6)
     # Thread-safe across the two engines: 8 threads, batch sizes on both sides of the edge.
     batches = [images[i : i + (1 if i % 2 else edge + i)] for i in range(8)]
-    serial = [model(image=batch)["probabilities"] for batch in batches]
-    barrier = threading.Barrier(8)
-
-    def call(batch):
-        barrier.wait()
-        return [model(image=batch)["probabilities"] for _ in range(3)]
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for expected, results in zip(serial, pool.map(call, batches)):
-            for result in results:
-                np.testing.assert_array_equal(result, expected)
+    assert_threads_get_serial_outputs(model, batches, calls=3)
     model.close()
 
 
